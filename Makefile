@@ -1,0 +1,53 @@
+# asft-repro: `make setup demo` (install + the whole tiny pipeline on CPU), `make test`.
+PY ?= .venv/bin/python
+EXPERIMENT ?= demo
+OUT ?= outputs
+export WANDB_MODE ?= offline
+export HF_HUB_DISABLE_TELEMETRY = 1
+
+.PHONY: setup demo demo-data data train table1 tables plots bench test clean-demo
+
+setup: .venv/.installed
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0       # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo-data: setup   ## fixture subsets and benchmarks into data/demo (what the demo trains and scores on)
+	$(PY) -m data_prep local_dir=data_prep/fixtures out_dir=data/demo sizes=[256]
+
+data: setup        ## every training subset and benchmark; LOCAL=dir of local copies when offline
+	$(PY) -m data_prep $(if $(LOCAL),local_dir=$(LOCAL))
+
+demo: demo-data    ## prep -> train base/SFT/DFT/ASFT (math + medical) -> eval -> Table 1 -> KL plots
+	$(PY) -m asft_repro.train -m experiment=demo method=base,sft,dft,asft data=demo_math,demo_medical train.resume=true
+	$(PY) -m asft_repro.tables --root $(OUT) --experiment demo
+	$(PY) -m asft_repro.plots --root $(OUT) --experiment demo
+
+table1:            ## EXPERIMENT=demo (tiny CPU) or the paper grids on GPUs (EXPERIMENT=paper); LAUNCHER=slurm
+ifeq ($(EXPERIMENT),demo)
+	$(MAKE) demo
+else
+	$(PY) -m asft_repro.train -m experiment=table1_math method=sft,dft,asft data.size=10k,30k,100k train.resume=true $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
+	$(PY) -m asft_repro.train experiment=math_base train.resume=true
+	$(PY) -m asft_repro.train -m experiment=table1_medical method=sft,dft,asft data.size=10k,30k,100k train.resume=true $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
+	$(PY) -m asft_repro.train experiment=medical_base train.resume=true
+	$(PY) -m asft_repro.tables --root $(OUT)
+endif
+
+tables:
+	$(PY) -m asft_repro.tables --root $(OUT) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
+
+plots:
+	$(PY) -m asft_repro.plots --root $(OUT) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
+
+bench: setup
+	$(PY) -m asft_repro.bench
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf $(OUT)/demo $(OUT)/tables/demo data/demo

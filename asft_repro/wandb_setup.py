@@ -1,0 +1,27 @@
+"""wandb: offline by default, grouped by experiment, named and tagged by the swept values."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from asft_repro.config import Config
+
+
+def run_tags(cfg: Config) -> list[str]:
+    tags = [f"method:{cfg.method.name}", f"size:{cfg.data.size}", f"data:{cfg.data.name}", f"model:{cfg.model.name}"]
+    if cfg.method.uses_kl:
+        tags += [f"lambda:{cfg.method.kl_coef}", f"kl:{cfg.method.kl_direction}"]
+    return tags
+
+
+def init_wandb(cfg: Config, out: Path) -> None:
+    """Start the run the Trainer's WandbCallback then logs into (WANDB_MODE in the env wins)."""
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.experiment_name, name=cfg.run_name,
+               id=f"{cfg.experiment_name}-{cfg.run_name}".replace("/", "_")[:120], resume="allow", tags=run_tags(cfg), dir=str(out),
+               config=asdict(cfg))

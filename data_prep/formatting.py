@@ -1,0 +1,95 @@
+"""Source rows -> training records (prompt/response chat messages) and benchmark items."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+LETTERS = "ABCD"
+ANSWER_SENTENCE = "So the answer to this question is {letter}."
+
+
+def render_mcq(question: str, options: list[str]) -> str:
+    """The reference code's multiple-choice prompt body (``Answer:`` is added at eval time)."""
+    lines = [f"Question: {question.strip()}", "", "Options:"]
+    lines += [f"{LETTERS[i]}. {str(opt).strip()}" for i, opt in enumerate(options)]
+    return "\n".join(lines)
+
+
+def _text(value: Any) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _record(prompt: str, response: str) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+
+
+def numina(row: dict) -> dict | str:
+    """NuminaMath-CoT: problem -> solution. Returns a record or the reason it is dropped."""
+    problem, solution = _text(row.get("problem")), _text(row.get("solution"))
+    if not problem or not solution:
+        return "empty problem or solution"
+    return _record(problem, solution)
+
+
+def medmcqa(row: dict) -> dict | str:
+    """MedMCQA: question + 4 options -> explanation + 'So the answer to this question is X.'"""
+    question = _text(row.get("question"))
+    options = [_text(row.get(k)) for k in ("opa", "opb", "opc", "opd")]
+    cop = row.get("cop")
+    if not question or not all(options):
+        return "empty question or option"
+    if not isinstance(cop, int) or not 0 <= cop < 4:
+        return "answer index out of range"
+    explanation = _text(row.get("exp"))
+    answer = ANSWER_SENTENCE.format(letter=LETTERS[cop])
+    return _record(render_mcq(question, options), f"{explanation}\n{answer}" if explanation else answer)
+
+
+def instruction_response(row: dict) -> dict | str:
+    """The paper's released files: instruction / response."""
+    instruction, response = _text(row.get("instruction")), _text(row.get("response"))
+    if not instruction or not response:
+        return "empty instruction or response"
+    return _record(instruction, response)
+
+
+FORMATTERS: dict[str, Callable[[dict], dict | str]] = {
+    "numina": numina, "medmcqa": medmcqa, "instruction_response": instruction_response,
+}
+
+
+def _answer_letter(value: Any, n_options: int) -> str | None:
+    if isinstance(value, int) and 0 <= value < n_options:
+        return LETTERS[value]
+    if isinstance(value, str) and value.strip().upper() in LETTERS[:n_options]:
+        return value.strip().upper()
+    return None
+
+
+def benchmark_item(name: str, spec: Any, row: dict, index: int) -> dict | str:
+    """One normalised benchmark item: id, benchmark, prompt, answer, choices, kind."""
+    question = _text(row.get(spec.question))
+    if not question:
+        return "empty question"
+    item_id = str(row.get(spec.get("id"), index)) if spec.get("id") else str(index)
+    if spec.kind == "math":
+        answer = row.get(spec.answer)
+        if isinstance(answer, list):  # OlympiadBench: a list of final answers
+            answer = answer[0] if answer else None
+        if isinstance(answer, float) and answer.is_integer():
+            answer = int(answer)
+        answer = str(answer).strip() if answer is not None else ""
+        if not answer:
+            return "empty answer"
+        return {"id": item_id, "benchmark": name, "prompt": question, "answer": answer, "choices": None, "kind": "math"}
+    fields = spec.options
+    raw = [row.get(f) for f in fields] if not isinstance(fields, str) else row.get(fields)
+    if isinstance(raw, dict):  # MedQA: {"A": .., "B": ..}
+        raw = [raw.get(letter) for letter in LETTERS if letter in raw]
+    choices = [_text(c) for c in (raw or [])]
+    if len(choices) < 2 or not all(choices) or len(choices) > len(LETTERS):
+        return "bad options"
+    letter = _answer_letter(row.get(spec.answer), len(choices))
+    if letter is None:
+        return "answer out of range"
+    return {"id": item_id, "benchmark": name, "prompt": question, "answer": letter, "choices": choices, "kind": "multiple_choice"}

@@ -1,0 +1,134 @@
+"""End to end on the tiny model: train -> metrics.jsonl -> eval -> tables -> plots, plus run-dir safety."""
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from asft_repro.rundir import RunDirError
+from asft_repro.train import run
+from conftest import compose_config
+
+pytestmark = pytest.mark.slow
+
+
+def train_cfg(tmp_path, demo_data, *overrides):
+    return compose_config("config", [
+        "experiment=demo", f"data.data_dir={demo_data}", f"eval.benchmarks_dir={demo_data}/benchmarks",
+        f"output_dir={tmp_path}/${{run_name}}", "train.report_to=[]", "train.num_epochs=2", "data.size=64",
+        "eval.limit=6", "eval.max_new_tokens=24", *overrides])
+
+
+def metrics_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ce"' in line]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_data, tiny_model_path):
+    """SFT, DFT and ASFT runs (16 steps each) on the math fixtures, evaluated."""
+    root = tmp_path_factory.mktemp("runs") / "demo"
+    dirs = {m: run(train_cfg(root, demo_data, f"method={m}", "train.num_epochs=4")) for m in ("sft", "dft", "asft")}
+    return root, dirs
+
+
+def test_training_logs_falling_loss_and_kl_from_zero(trained):
+    _root, dirs = trained
+    sft = metrics_rows(dirs["sft"])
+    assert len(sft) == 16
+    assert sft[0]["kl_forward"] == pytest.approx(0.0, abs=1e-4)  # policy == base before the first update
+    assert sft[-1]["ce"] < 0.6 * sft[0]["ce"]
+    for row in sft:
+        assert {"ce", "dft", "kl_forward", "kl_reverse", "token_prob_mean", "dft_weight_ess", "learning_rate", "grad_norm"} <= set(row)
+
+
+def test_asft_anchor_keeps_kl_below_dft(trained):
+    _root, dirs = trained
+    dft_kl = [r["kl_forward"] for r in metrics_rows(dirs["dft"])]
+    asft_kl = [r["kl_forward"] for r in metrics_rows(dirs["asft"])]
+    assert dft_kl[-1] > dft_kl[1]  # DFT drifts
+    assert sum(asft_kl[-4:]) < sum(dft_kl[-4:])
+
+
+def test_eval_metrics_written(trained):
+    _root, dirs = trained
+    metrics = json.loads((dirs["asft"] / "eval" / "metrics.json").read_text())
+    assert set(metrics["benchmarks"]) == {"math500", "minerva", "olympiadbench", "aime24", "amc23"}
+    assert all(b["num_items"] == 6 for b in metrics["benchmarks"].values())
+    assert metrics["averages"]["Math Avg"] is not None and metrics["averages"]["Medical Avg"] is None
+    lines = (dirs["asft"] / "eval" / "math500.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and {"outputs", "parsed", "correct"} <= set(json.loads(lines[0]))
+
+
+def test_rerun_refuses_and_resume_reuses(trained, demo_data):
+    root, dirs = trained
+    cfg = train_cfg(root, demo_data, "method=sft", "train.num_epochs=4")
+    with pytest.raises(RunDirError, match="train.resume=true"):
+        run(cfg)
+    before = (dirs["sft"] / "metrics.jsonl").read_text()
+    run(train_cfg(root, demo_data, "method=sft", "train.num_epochs=4", "train.resume=true"))
+    assert (dirs["sft"] / "metrics.jsonl").read_text() == before  # nothing retrained or overwritten
+
+
+def test_killed_run_resumes_from_checkpoint(tmp_path, demo_data, tiny_model_path):
+    cfg = train_cfg(tmp_path, demo_data, "method=asft", "train.save_strategy=steps", "train.save_steps=4",
+                    "train.max_steps=6", "eval.after_train=false")
+    out = run(cfg)
+    # simulate a kill after step 6: a checkpoint at step 4, the record not complete, rows after step 4 logged
+    record = json.loads((out / "run.json").read_text())
+    record["train_status"] = "running"
+    (out / "run.json").write_text(json.dumps(record))
+    with pytest.raises(RunDirError, match="unfinished run"):
+        run(cfg)
+    resumed = compose_config("config", [*cfg_overrides(tmp_path, demo_data), "train.max_steps=8", "train.resume=true"])
+    run(resumed)
+    steps = [r["step"] for r in metrics_rows(out)]
+    assert steps == list(range(1, 9))  # steps 5-6 re-run once, not duplicated
+
+
+def cfg_overrides(tmp_path, demo_data):
+    return ["experiment=demo", f"data.data_dir={demo_data}", f"output_dir={tmp_path}/${{run_name}}", "train.report_to=[]",
+            "data.size=64", "method=asft", "train.save_strategy=steps", "train.save_steps=4", "eval.after_train=false",
+            "train.num_epochs=2"]
+
+
+def test_base_method_and_medical_eval(tmp_path, demo_data, tiny_model_path):
+    out = run(train_cfg(tmp_path, demo_data, "method=base", "data=demo_medical", "data.size=64"))
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert set(metrics["benchmarks"]) == {"mmlu_medical", "medqa", "medmcqa"}
+    assert metrics["benchmarks"]["mmlu_medical"]["num_items"] == 36  # six subjects pooled, 6 each
+    assert metrics["benchmarks"]["medqa"]["unparsed"] == 0  # loglik mode always picks a letter
+    assert metrics["averages"]["Medical Avg"] is not None
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_tables_and_plots(trained, tmp_path):
+    from asft_repro.plots import plot_experiment
+    from asft_repro.tables import write_tables
+
+    root, dirs = trained
+    tables = write_tables(root.parent, tmp_path / "tables", "demo")
+    math = tables["table1_math"]
+    assert list(math.index) == [("64", "sft"), ("64", "dft"), ("64", "asft")]
+    assert math["n_runs"].tolist() == [1, 1, 1]
+    assert math["paper Math Avg"].isna().all()  # no paper cell for the demo size: missing, not zero
+    assert str(dirs["asft"]) in math.loc[("64", "asft"), "run_dirs"]
+    assert (tmp_path / "tables" / "table1_math.csv").exists() and (tmp_path / "tables" / "table1_math.tex").exists()
+    png = plot_experiment(root, tmp_path / "plots")
+    assert png is not None and png.stat().st_size > 10_000
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, demo_data, tiny_model_path):
+    from asft_repro.trainer import NonFiniteLossError
+
+    cfg = train_cfg(tmp_path, demo_data, "method=sft", "train.learning_rate=1e30", "train.max_grad_norm=1e30",
+                    "eval.after_train=false")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        run(cfg)
+
+
+def test_resolved_config_saved(trained):
+    _root, dirs = trained
+    saved = OmegaConf.load(dirs["asft"] / "config.yaml")
+    assert saved.method.name == "asft" and "${" not in OmegaConf.to_yaml(saved)
+    record = json.loads((dirs["asft"] / "run.json").read_text())
+    assert record["train_status"] == "complete" and len(record["data_manifest"]["sha256"]) == 64
