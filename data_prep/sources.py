@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import datasets
 
@@ -54,7 +54,3 @@ def load_rows(spec: Any, local_dir: str | None) -> datasets.Dataset:
                         f"and pass local_dir=DIR holding {spec.get('local_name') or spec.hub_id.split('/')[-1]}.jsonl "
                         f"(or .parquet, or a save_to_disk folder)") from None
 
-
-def iter_records(rows: datasets.Dataset) -> Iterable[dict]:
-    """Plain dict rows, in order."""
-    yield from rows

@@ -54,6 +54,7 @@ class HFBackend:
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.batch_size = batch_size
+        self._letter_ids: dict[str, dict[str, list[int]]] = {}
 
     def _batches(self, prompts: list[str]):
         for start in range(0, len(prompts), self.batch_size):
@@ -77,18 +78,25 @@ class HFBackend:
             out += [texts[i * sampling.n:(i + 1) * sampling.n] for i in range(len(chunk))]
         return out
 
+    def _letter_token_ids(self, letters: str) -> dict[str, list[int]]:
+        """Token ids that decode to each letter (' A', 'A', ...): one vocabulary scan per letter set."""
+        if letters not in self._letter_ids:
+            ids: dict[str, list[int]] = {letter: [] for letter in letters}
+            for tok, tid in self.tokenizer.get_vocab().items():
+                text = self.tokenizer.convert_tokens_to_string([tok]).strip().upper()
+                if text in ids:
+                    ids[text].append(tid)
+            self._letter_ids[letters] = ids
+        return self._letter_ids[letters]
+
     @torch.no_grad()
     def choice_logprobs(self, prompts: list[str], letters: str) -> list[dict[str, float]]:
-        vocab = self.tokenizer.get_vocab()
-        variants = {tok: tid for tok, tid in vocab.items()
-                    if self.tokenizer.convert_tokens_to_string([tok]).strip().upper() in letters
-                    and len(self.tokenizer.convert_tokens_to_string([tok]).strip()) == 1}
+        letter_ids = self._letter_token_ids(letters)
         out = []
         for _chunk, enc in self._batches(prompts):
-            logp = self.model(**enc).logits[:, -1].float().log_softmax(-1)
+            logp = self.model(**enc).logits[:, -1].float().log_softmax(-1).cpu()
             for row in logp:
-                out.append(_letter_scores({self.tokenizer.convert_tokens_to_string([t]): row[i].item()
-                                           for t, i in variants.items()}, letters))
+                out.append({letter: max((row[i].item() for i in ids), default=-math.inf) for letter, ids in letter_ids.items()})
         return out
 
 
