@@ -5,7 +5,7 @@ OUT ?= outputs
 export WANDB_MODE ?= offline
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: setup demo demo-data data train table1 tables plots bench test clean-demo
+.PHONY: setup demo demo-data data train table1 plan tables plots bench test clean-demo
 
 setup: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -26,16 +26,27 @@ demo: demo-data    ## prep -> train base/SFT/DFT/ASFT (math + medical) -> eval -
 	$(PY) -m asft_repro.tables --root $(OUT) --experiment demo
 	$(PY) -m asft_repro.plots --root $(OUT) --experiment demo
 
+LAUNCH = $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
+MATH_GRID = experiment=table1_math method=sft,dft,asft data.size=10k,30k,100k
+MEDICAL_GRID = experiment=table1_medical method=sft,dft,asft data.size=10k,30k,100k
+
 table1:            ## EXPERIMENT=demo (tiny CPU) or the paper grids on GPUs (EXPERIMENT=paper); LAUNCHER=slurm
 ifeq ($(EXPERIMENT),demo)
 	$(MAKE) demo
 else
-	$(PY) -m asft_repro.train -m experiment=table1_math method=sft,dft,asft data.size=10k,30k,100k train.resume=true $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
-	$(PY) -m asft_repro.train experiment=math_base train.resume=true
-	$(PY) -m asft_repro.train -m experiment=table1_medical method=sft,dft,asft data.size=10k,30k,100k train.resume=true $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
-	$(PY) -m asft_repro.train experiment=medical_base train.resume=true
-	$(PY) -m asft_repro.tables --root $(OUT)
+	$(PY) -m asft_repro.plan $(MATH_GRID) $(LAUNCH)        # every job, its memory per GPU; stops if one cannot fit
+	$(PY) -m asft_repro.plan $(MEDICAL_GRID) $(LAUNCH)
+	$(PY) -m asft_repro.train -m $(MATH_GRID) train.resume=true $(LAUNCH)
+	$(PY) -m asft_repro.train -m experiment=math_base train.resume=true $(LAUNCH)
+	$(PY) -m asft_repro.train -m $(MEDICAL_GRID) train.resume=true $(LAUNCH)
+	$(PY) -m asft_repro.train -m experiment=medical_base train.resume=true $(LAUNCH)
+	$(PY) -m asft_repro.tables --root $(OUT) --experiment table1_math
+	$(PY) -m asft_repro.tables --root $(OUT) --experiment table1_medical
 endif
+
+plan: setup        ## the paper grids' jobs, memory per GPU and GPU-hours, without training (LAUNCHER=slurm)
+	$(PY) -m asft_repro.plan $(MATH_GRID) $(LAUNCH)
+	$(PY) -m asft_repro.plan $(MEDICAL_GRID) $(LAUNCH)
 
 tables:
 	$(PY) -m asft_repro.tables --root $(OUT) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))

@@ -12,10 +12,14 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from asft_repro import identity
 from asft_repro.losses import METHODS_WITH_KL, KLDirection, Method
 
 BASE_METHOD = "base"  # evaluate the starting model, no training (Table 1's "Base" row)
 TEMPLATES = ("alpaca", "chat")
+STRATEGIES = ("ddp", "fsdp2", "zero3")  # ddp also covers one process
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
+SAVE_STRATEGIES = ("steps", "epoch", "no")
 
 
 class ConfigError(ValueError):
@@ -23,16 +27,27 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ModelArch:
+    """Sizes the memory / cost plan uses when the model's config.json is not on disk."""
+
+    num_params_b: float = 0.0  # parameters, billions
+    hidden_size: int = 0
+    num_layers: int = 0
+    vocab_size: int = 0
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"  # short label used in run names and tables
     path: str = "tiny"  # hub id, local folder, or "tiny" (built offline, cached)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # inference dtype (eval, vLLM); training precision is train.precision
     attn_implementation: Optional[str] = None  # e.g. sdpa, flash_attention_2
     trust_remote_code: bool = False
+    arch: Optional[ModelArch] = None  # for `python -m asft_repro.plan` (hub models)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16")
+            raise ConfigError(f"model.dtype={self.dtype!r} is not known; use float32, bfloat16 or float16")
 
 
 @dataclass
@@ -47,11 +62,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
-            raise ConfigError(f"data.template={self.template!r}: use one of {', '.join(TEMPLATES)}")
+            raise ConfigError(f"data.template={self.template!r} is not known; use one of {', '.join(TEMPLATES)}")
         if self.domain not in ("math", "medical"):
-            raise ConfigError(f"data.domain={self.domain!r}: use math or medical")
+            raise ConfigError(f"data.domain={self.domain!r} is not known; use math or medical")
         if self.max_length < 8:
-            raise ConfigError(f"data.max_length={self.max_length}: must be at least 8")
+            raise ConfigError(f"data.max_length={self.max_length} is too short; set it to at least 8 (the paper uses 512 / 2048)")
 
 
 @dataclass
@@ -63,11 +78,11 @@ class MethodConfig:
     def __post_init__(self) -> None:
         valid = [m.value for m in Method] + [BASE_METHOD]
         if self.name not in valid:
-            raise ConfigError(f"method.name={self.name!r}: use one of {', '.join(valid)}")
+            raise ConfigError(f"method.name={self.name!r} is not known; use one of {', '.join(valid)}")
         if self.kl_direction not in [d.value for d in KLDirection]:
-            raise ConfigError(f"method.kl_direction={self.kl_direction!r}: use forward or reverse")
+            raise ConfigError(f"method.kl_direction={self.kl_direction!r} is not known; use forward or reverse")
         if self.kl_coef < 0:
-            raise ConfigError(f"method.kl_coef={self.kl_coef}: must be >= 0")
+            raise ConfigError(f"method.kl_coef={self.kl_coef} is invalid; set it to 0 or more")
 
     @property
     def uses_kl(self) -> bool:
@@ -78,36 +93,74 @@ class MethodConfig:
 class TrainConfig:
     learning_rate: float = 2e-5
     num_epochs: float = 3.0
-    max_steps: int = -1
+    max_steps: int = -1  # > 0 overrides num_epochs
     global_batch_size: int = 64  # per_device_batch_size * world_size * grad accumulation
     per_device_batch_size: int = 4
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = "cosine"  # any transformers SchedulerType
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
-    gradient_checkpointing: bool = False
+    optim: str = "adamw_torch"  # any transformers OptimizerNames
+    strategy: str = "ddp"  # ddp (one process or DDP) | fsdp2 (full_shard) | zero3 (DeepSpeed ZeRO-3)
+    precision: str = "auto"  # auto (from model.dtype) | fp32 | bf16-mixed (fp32 master weights) | fp16-mixed | bf16-true
+    gradient_checkpointing: bool = False  # activation checkpointing (FSDP2: applied per layer by accelerate)
     seed: int = 42
     logging_steps: int = 1
     save_strategy: str = "epoch"  # epoch | steps | no
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
-    resume: bool = False  # continue from the run directory's last checkpoint
+    resume: bool = False  # continue from the run directory's last complete checkpoint
     log_kl: bool = True  # load the base model to log KL even when the method does not optimise it
     loss_chunk_rows: int = 1024
     report_to: list[str] = field(default_factory=lambda: ["wandb"])
-    deepspeed: Optional[str] = None  # path to a DeepSpeed JSON config
-    fsdp: str = ""  # e.g. "full_shard auto_wrap"
-    fsdp_config: Optional[str] = None
+    deepspeed: Optional[str] = None  # DeepSpeed JSON for strategy=zero3; null = conf/deepspeed/zero3.json
     dataloader_num_workers: int = 0
     save_final_model: bool = True
 
     def __post_init__(self) -> None:
+        for key in ("per_device_batch_size", "global_batch_size", "logging_steps", "save_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} is invalid; set it to 1 or more")
         if self.global_batch_size % self.per_device_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} must be a multiple of "
-                              f"train.per_device_batch_size={self.per_device_batch_size}")
+                              f"train.per_device_batch_size={self.per_device_batch_size}; change one of them")
         if self.learning_rate <= 0:
-            raise ConfigError(f"train.learning_rate={self.learning_rate}: must be > 0")
+            raise ConfigError(f"train.learning_rate={self.learning_rate} is invalid; set a positive value, e.g. 2e-5")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_epochs <= 0):
+            raise ConfigError(f"train.num_epochs={self.num_epochs}, train.max_steps={self.max_steps}: nothing to train; "
+                              f"set num_epochs > 0 or max_steps > 0 (or method=base to evaluate without training)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio} is invalid; set a fraction in [0, 1), e.g. 0.1")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError(f"train.max_grad_norm={self.max_grad_norm}, train.weight_decay={self.weight_decay}: "
+                              f"must not be negative; set 0 (no clipping / decay) or more")
+        if self.loss_chunk_rows < 1:
+            raise ConfigError(f"train.loss_chunk_rows={self.loss_chunk_rows} is invalid; set it to 1 or more")
+        _check_choice("train.strategy", self.strategy, STRATEGIES)
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.save_strategy", self.save_strategy, SAVE_STRATEGIES)
+        _check_choice("train.lr_scheduler", self.lr_scheduler, _enum_values("SchedulerType"))
+        _check_choice("train.optim", self.optim, _enum_values("OptimizerNames"))
+
+    def resolved_precision(self, model_dtype: str) -> str:
+        """``precision`` with ``auto`` resolved: half-precision models train mixed, with fp32 master weights."""
+        if self.precision != "auto":
+            return self.precision
+        return {"bfloat16": "bf16-mixed", "float16": "fp16-mixed"}.get(model_dtype, "fp32")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not known; use one of {', '.join(choices)}")
+
+
+def _enum_values(name: str) -> list[str]:
+    """Values of a transformers enum (SchedulerType, OptimizerNames), for one-line validation."""
+    import transformers.trainer_utils as trainer_utils
+    import transformers.training_args as training_args
+
+    enum = getattr(trainer_utils, name, None) or getattr(training_args, name)
+    return [member.value for member in enum]
 
 
 @dataclass
@@ -126,6 +179,7 @@ class EvalConfig:
     batch_size: int = 16
     limit: Optional[int] = None  # score only the first N items of each benchmark
     tensor_parallel_size: int = 1  # vllm
+    data_parallel_size: int = 1  # eval worker processes, each on its own tensor_parallel_size GPUs; 0 = as many as the visible GPUs allow
     gpu_memory_utilization: float = 0.85  # vllm
     server_url: str = "http://127.0.0.1:8000/v1"  # openai backend
     server_model: Optional[str] = None  # openai backend; null = model path
@@ -133,11 +187,29 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm", "openai"):
-            raise ConfigError(f"eval.backend={self.backend!r}: use hf, vllm or openai")
+            raise ConfigError(f"eval.backend={self.backend!r} is not known; use hf, vllm or openai")
         if self.mc_mode not in ("loglik", "generate"):
-            raise ConfigError(f"eval.mc_mode={self.mc_mode!r}: use loglik or generate")
+            raise ConfigError(f"eval.mc_mode={self.mc_mode!r} is not known; use loglik or generate")
         if self.n_samples < 1:
-            raise ConfigError(f"eval.n_samples={self.n_samples}: must be >= 1")
+            raise ConfigError(f"eval.n_samples={self.n_samples} is invalid; set it to 1 or more")
+        if self.template is not None and self.template not in TEMPLATES:
+            raise ConfigError(f"eval.template={self.template!r} is not known; use {', '.join(TEMPLATES)} or null (= data.template)")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval.limit={self.limit} is invalid; set 1 or more, or null to score every item")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size={self.batch_size} is invalid; set it to 1 or more")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"eval.max_new_tokens={self.max_new_tokens} is invalid; set it to 1 or more")
+        if self.temperature < 0:
+            raise ConfigError(f"eval.temperature={self.temperature} is invalid; set 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval.top_p={self.top_p} is invalid; set it in (0, 1] (1 = no nucleus truncation)")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"eval.tensor_parallel_size={self.tensor_parallel_size} is invalid; set it to 1 or more")
+        if self.data_parallel_size < 0:
+            raise ConfigError(f"eval.data_parallel_size={self.data_parallel_size} is invalid; set 0 (auto) or more")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"eval.gpu_memory_utilization={self.gpu_memory_utilization} is invalid; set a fraction in (0, 1]")
 
 
 @dataclass
@@ -156,7 +228,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     experiment_name: str = "default"  # run group: outputs/<experiment_name>/<run_name>
-    run_name: str = "${run_name:${model.name},${data.name},${data.size},${method.name},${method.kl_coef},${method.kl_direction},${train.seed}}"
+    run_name: str = "${run_name:}"  # <cell>[-<swept key_value>...]-<config hash>, see asft_repro/identity.py
     output_dir: str = "outputs/${experiment_name}/${run_name}"
 
 
@@ -174,12 +246,4 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
     ConfigStore.instance().store(name="eval_run_schema", node=EvalRunConfig)
     if not OmegaConf.has_resolver("run_name"):
-        OmegaConf.register_new_resolver("run_name", run_name)
-
-
-def run_name(model: str, data: str, size: str, method: str, kl_coef: Any, direction: str, seed: Any) -> str:
-    """Readable, unique name from the swept values: tiny-numina_cot-256-asft-kl0.05-s42."""
-    tag = method
-    if method in ("asft", "sft_kl"):
-        tag += f"-kl{kl_coef}" + ("-reverse" if direction == "reverse" else "")
-    return f"{model}-{data}-{size}-{tag}-s{seed}"
+        OmegaConf.register_new_resolver("run_name", lambda *, _root_: identity.run_name(_root_))

@@ -1,4 +1,15 @@
-"""The paper's published Table 1 averages (ASFT, ICLR 2026), for side-by-side comparison."""
+"""The paper's published Table 1 averages (ASFT, ICLR 2026), for side-by-side comparison.
+
+A cell of ours is compared only with the paper cell it reproduces: same model (Medical: LLaMA-2-7B,
+Math: Qwen2.5-7B), domain, data size and method, with ASFT at the paper's λ=0.05 and forward KL.
+"""
+
+from __future__ import annotations
+
+PAPER_MODELS: dict[str, str] = {"medical": "llama2-7b", "math": "qwen2.5-7b"}
+PAPER_KL_COEF = 0.05
+PAPER_KL_DIRECTION = "forward"
+AVG_COLUMN: dict[str, str] = {"medical": "Medical Avg", "math": "Math Avg"}
 
 PAPER_TABLE1_AVG: dict[tuple[str, str], dict[str, float]] = {
     ("-", "base"): {"Medical Avg": 31.38, "Math Avg": 12.61},
@@ -12,3 +23,19 @@ PAPER_TABLE1_AVG: dict[tuple[str, str], dict[str, float]] = {
     ("100k", "dft"): {"Medical Avg": 38.06, "Math Avg": 26.04},
     ("100k", "asft"): {"Medical Avg": 39.98, "Math Avg": 30.50},
 }
+
+
+def is_paper_kl(kl_coef: float | None, kl_direction: str | None) -> bool:
+    """True for the paper's anchor: λ=0.05, KL(base || policy)."""
+    return kl_coef is not None and abs(float(kl_coef) - PAPER_KL_COEF) < 1e-12 and kl_direction == PAPER_KL_DIRECTION
+
+
+def paper_average(model: str, domain: str, size: str, method: str,
+                  kl_coef: float | None = None, kl_direction: str | None = None) -> float | None:
+    """The paper's domain average for the cell this one reproduces, or None when there is no such cell."""
+    if PAPER_MODELS.get(domain) != model:
+        return None
+    if method == "asft" and not is_paper_kl(kl_coef, kl_direction):
+        return None
+    key = ("-" if method == "base" else str(size).lower(), method)
+    return PAPER_TABLE1_AVG.get(key, {}).get(AVG_COLUMN[domain])

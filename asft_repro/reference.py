@@ -2,8 +2,7 @@
 
 Single device / DDP: moved to the device (a frozen model needs no DDP wrapper).
 DeepSpeed: its own inference engine (ZeRO-3 sharded when the policy is, else stage 0).
-FSDP / FSDP2: sharded with the same plugin settings as the policy.
-Multi-GPU paths follow the libraries' documented APIs; CI checks only the single-device path.
+FSDP2: sharded by accelerate exactly as the policy is (CI runs it on a 2-rank gloo group).
 """
 
 from __future__ import annotations
@@ -30,24 +29,13 @@ def _prepare_deepspeed(model: torch.nn.Module, accelerator: Accelerator) -> torc
 
 
 def _prepare_fsdp(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
-    plugin = accelerator.state.fsdp_plugin
-    if accelerator.is_fsdp2:
-        from torch.distributed.fsdp import fully_shard
+    """FSDP2: accelerate's own ``fsdp2_prepare_model``, the function that shards the policy, so the base gets
+    the same per-layer units, mesh, mixed-precision and offload policies (and rank-0-only weight loading)."""
+    if not getattr(accelerator, "is_fsdp2", False):
+        raise ValueError("the frozen base supports FSDP2 only (fsdp_config version 2, the default)")
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        layer_types = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in layer_types:
-                fully_shard(module)
-        fully_shard(model)
-        return model.eval()
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    plugin.set_auto_wrap_policy(model)
-    wrapped = FSDP(model, sharding_strategy=plugin.sharding_strategy, cpu_offload=plugin.cpu_offload,
-                   auto_wrap_policy=plugin.auto_wrap_policy, mixed_precision=plugin.mixed_precision_policy,
-                   sync_module_states=plugin.sync_module_states, use_orig_params=plugin.use_orig_params,
-                   limit_all_gathers=plugin.limit_all_gathers, device_id=accelerator.device)
-    return wrapped.eval()
+    return fsdp2_prepare_model(accelerator, model).eval()
 
 
 def prepare_reference_model(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:

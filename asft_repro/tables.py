@@ -1,118 +1,442 @@
-"""Collect every run under outputs/ and render Table 1 (and ablation tables).
+"""Collect every evaluated run under outputs/ and render Table 1 and the ablation tables.
 
-python -m asft_repro.tables [--root outputs] [--experiment demo] [--out outputs/tables]
+python -m asft_repro.tables [--root outputs] [--experiment demo] [--out outputs/tables/demo] [--no-wandb]
 
-Rows: data size x method (Base first); columns: per-benchmark scores, the domain averages,
-the paper's published average and the difference. Missing cells stay empty (never 0);
-several runs of one cell (seeds, repeats) are averaged and counted in ``n_runs``.
+A cell is one (experiment, model, domain, data, size, method, λ, KL direction, other training values,
+eval settings) and a health flag (collapsed / unfinished runs get their own, labelled row); its seeds
+are averaged (mean ± std, ``n_runs``), nothing else ever is. Eval settings are compared without the
+scored model's fingerprint (which every run's settings hash includes). One Table 1 per (experiment,
+model, domain [, eval settings]) holds Base / SFT / DFT and the paper's λ=0.05 forward ASFT (and SFT+KL); λ and KL-direction
+ablation tables appear only when such runs exist. Each table is printed and saved as Markdown, CSV
+(with every cell's run directories and config hashes) and LaTeX, and logged to wandb (offline).
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import yaml
 
-from asft_repro.paper import PAPER_TABLE1_AVG
-from asft_repro.rundir import read_record
+from asft_repro.cli import OneLineParser
+from asft_repro.paper import AVG_COLUMN, PAPER_MODELS, is_paper_kl, paper_average
 
+BENCHMARKS: dict[str, list[tuple[str, str]]] = {
+    "medical": [("mmlu_medical", "MMLU-medical"), ("medqa", "MedQA"), ("medmcqa", "MedMCQA")],
+    "math": [("math500", "Math500"), ("minerva", "Minerva"), ("olympiadbench", "OlympiadBench"),
+             ("aime24", "AIME24"), ("amc23", "AMC23")],
+}
 METHOD_ORDER = ["base", "sft", "dft", "asft", "sft_kl"]
+METHOD_LABEL = {"base": "Base", "sft": "SFT", "dft": "DFT", "asft": "ASFT", "sft_kl": "SFT+KL"}
+KL_METHODS = ("asft", "sft_kl")
+CELL_KEY = ["experiment", "model", "domain", "data", "size", "method", "kl_coef", "kl_direction", "variant",
+            "eval_key", "flag"]
+DASH = "-"
+_META = {"seed", "wandb_project", "collapse_reason", "run_dir", "config_hash", "data_sha256", "variant_identity",
+         "settings_hash", "eval_settings"}
+MODEL_SETTINGS = ("model", "server_model")  # which model was scored: differs per run by design, not a setting
+
+
+def fail(what: str, fix: str) -> SystemExit:
+    """The one-line CLI error: ``asft_repro.tables: what; fix``."""
+    return SystemExit(f"asft_repro.tables: {what}; {fix}")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file, or None (with a note on stderr) when it is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        print(f"[tables] skipping unreadable {path}: {err}", file=sys.stderr)
+        return None
+
+
+def read_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's resolved config.yaml, or None when it has none."""
+    path = run_dir / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def run_identity(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """What a run is, from its config (never its directory name); λ and direction only for KL methods."""
+    method = cfg["method"]["name"]
+    kl, base = method in KL_METHODS, method == "base"
+    return {
+        "experiment": str(cfg.get("experiment_name") or run_dir.parent.name),
+        "model": str(cfg["model"]["name"]), "domain": str(cfg["data"]["domain"]),
+        "data": "" if base else str(cfg["data"]["name"]), "size": "" if base else str(cfg["data"]["size"]),
+        "method": method, "kl_coef": float(cfg["method"]["kl_coef"]) if kl else math.nan,
+        "kl_direction": str(cfg["method"]["kl_direction"]) if kl else "",
+        "seed": cfg.get("train", {}).get("seed"), "wandb_project": cfg.get("wandb", {}).get("project"),
+    }
+
+
+def run_variant(record: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """The training identity without the seed: runs sharing it are seeds of one cell.
+
+    Recomputed from config.yaml by one function for every run (so runs compare alike); run.json's copy otherwise.
+    """
+    try:
+        from asft_repro.identity import training_identity
+
+        identity = training_identity(cfg)
+    except (ImportError, KeyError, TypeError, ValueError):
+        identity = record.get("identity") if isinstance(record.get("identity"), dict) else {}
+    return {k: v for k, v in identity.items() if k != "train.seed"}
+
+
+def run_flag(record: dict[str, Any]) -> str:
+    """'collapsed', 'unfinished' or '' (healthy) from run.json."""
+    if record.get("collapsed"):
+        return "collapsed"
+    return "unfinished" if record.get("train_status", "complete") != "complete" else ""
+
+
+def eval_key(settings: dict[str, Any], settings_hash: str) -> dict[str, str]:
+    """The eval settings minus the scored model's fingerprint (12-hex key + JSON); runs sharing it compare alike."""
+    shared = {k: v for k, v in settings.items() if k not in MODEL_SETTINGS}
+    if not shared:
+        return {"eval_key": settings_hash, "eval_settings": "{}"}
+    text = json.dumps(shared, sort_keys=True, default=str)
+    return {"eval_key": hashlib.sha256(text.encode()).hexdigest()[:12], "eval_settings": text}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def settings_differences(settings: dict[str, str]) -> dict[str, str]:
+    """eval_key -> 'temperature=0.6 n_samples=4': the settings that tell the tables of one group apart."""
+    flat = {key: _flatten(json.loads(text)) for key, text in settings.items()}
+    keys = sorted(k for k in set().union(*flat.values()) if len({json.dumps(f.get(k), default=str) for f in flat.values()}) > 1)
+    return {key: " ".join(f"{k}={f.get(k, DASH)}" for k in keys if not k.startswith("benchmarks.")) or "benchmark files differ"
+            for key, f in flat.items()}
+
+
+def run_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per eval settings folder of a run: identity, provenance, scores."""
+    cfg = read_config(run_dir)
+    if cfg is None:
+        print(f"[tables] skipping {run_dir}: no config.yaml", file=sys.stderr)
+        return []
+    record = _read_json(run_dir / "run.json") or {}
+    variant = json.dumps(run_variant(record, cfg), sort_keys=True, default=str)
+    ident = {**run_identity(cfg, run_dir), "flag": run_flag(record), "collapse_reason": record.get("collapse_reason", ""),
+             "run_dir": str(run_dir), "config_hash": str(record.get("config_hash", "")),
+             "data_sha256": (record.get("data_manifest") or {}).get("sha256"),
+             "variant": hashlib.sha256(variant.encode()).hexdigest()[:12], "variant_identity": variant}
+    rows = []
+    for path in sorted(run_dir.glob("eval/*/metrics.json")):
+        metrics = _read_json(path)
+        if metrics is None:
+            continue
+        settings_hash = str(metrics.get("settings_hash") or path.parent.name)
+        row = {**ident, "settings_hash": settings_hash, **eval_key(metrics.get("settings") or {}, settings_hash)}
+        row.update({name: b.get("accuracy") for name, b in (metrics.get("benchmarks") or {}).items()})
+        row.update({k: v for k, v in (metrics.get("averages") or {}).items() if v is not None})
+        rows.append(row)
+    return rows
 
 
 def collect_runs(root: Path, experiment: str | None = None) -> pd.DataFrame:
-    """One row per run with eval/metrics.json: its keys, scores and provenance."""
-    rows = []
-    for metrics_path in sorted(root.glob("*/*/eval/metrics.json")):
-        run_dir = metrics_path.parent.parent
-        if experiment and run_dir.parent.name != experiment:
-            continue
-        import yaml
+    """One row per (run, eval settings) with eval/<settings_hash>/metrics.json under ``root``."""
+    run_dirs = sorted({p.parent.parent.parent for p in root.glob("*/*/eval/*/metrics.json")})
+    rows = [row for d in run_dirs for row in run_rows(d)]
+    runs = pd.DataFrame(rows)
+    if experiment is not None and not runs.empty:
+        runs = runs[runs["experiment"] == experiment].reset_index(drop=True)
+    return runs
 
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        metrics = json.loads(metrics_path.read_text())
-        record = read_record(run_dir)
-        method = cfg["method"]["name"]
-        row = {
-            "experiment": run_dir.parent.name, "model": cfg["model"]["name"], "domain": cfg["data"]["domain"],
-            "size": "-" if method == "base" else str(cfg["data"]["size"]), "method": method,
-            "kl_coef": cfg["method"]["kl_coef"] if method in ("asft", "sft_kl") else None,
-            "kl_direction": cfg["method"]["kl_direction"] if method in ("asft", "sft_kl") else None,
-            "run_dir": str(run_dir), "data_sha256": record.get("data_manifest", {}).get("sha256"),
-        }
-        row.update({name: s["accuracy"] for name, s in metrics["benchmarks"].items()})
-        row.update({k: v for k, v in metrics["averages"].items() if v is not None})
-        rows.append(row)
-    return pd.DataFrame(rows)
+
+def score_columns(runs: pd.DataFrame, domain: str) -> list[tuple[str, str]]:
+    """(column, label) in the paper's order, then any other benchmark the runs have, then the average."""
+    known = {c for cols in BENCHMARKS.values() for c, _ in cols} | set(AVG_COLUMN.values())
+    extra = sorted(c for c in runs.columns if c not in known and c not in CELL_KEY and c not in _META
+                   and runs[c].notna().any())
+    avg = AVG_COLUMN[domain]
+    return [*BENCHMARKS[domain], *((c, c) for c in extra), (avg, avg)]
+
+
+def aggregate(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """One row per cell: mean and std over its seeds, n_runs, run dirs, config hashes, collapse notes."""
+    runs = runs.assign(**{c: pd.to_numeric(runs[c], errors="coerce") if c in runs else math.nan for c in columns})
+    cells = runs.groupby(CELL_KEY, dropna=False, sort=False)
+    table = cells[columns].mean()
+    std = cells[columns].std(ddof=1)
+    for c in columns:
+        table[f"{c} std"] = std[c]
+    table["n_runs"] = cells.size().astype(int)
+    table["run_dirs"] = cells["run_dir"].agg(lambda d: ";".join(sorted(d)))
+    table["config_hashes"] = cells["config_hash"].agg(lambda h: ";".join(sorted(set(h) - {""})))
+    table["seeds"] = cells["seed"].agg(lambda s: ";".join(str(x) for x in sorted(s, key=str)))
+    table["variant_identity"] = cells["variant_identity"].first()
+    table["settings_hashes"] = cells["settings_hash"].agg(lambda h: ";".join(sorted(h)))
+    table["eval_settings"] = cells["eval_settings"].first()
+    table["collapse_reasons"] = cells["collapse_reason"].agg(lambda r: "; ".join(sorted(set(map(str, r)) - {""})))
+    return table.reset_index()
 
 
 def _size_key(size: str) -> float:
-    if size == "-":
-        return -1
-    return float(size.lower().replace("k", "e3").replace("m", "e6")) if size[0].isdigit() else 1e18
+    """'10k' -> 1e4, '64' -> 64; unknown sizes last."""
+    try:
+        return float(size.lower().replace("k", "e3").replace("m", "e6"))
+    except ValueError:
+        return math.inf
 
 
-def table1(runs: pd.DataFrame, domain: str) -> pd.DataFrame:
-    """Table 1 for one domain: mean over duplicate runs, paper average beside ours."""
-    avg_col = "Math Avg" if domain == "math" else "Medical Avg"
-    sub = runs[(runs["domain"] == domain)]
-    if sub.empty:
-        return pd.DataFrame()
-    score_cols = [c for c in sub.columns if c not in {"experiment", "model", "domain", "size", "method", "kl_coef",
-                  "kl_direction", "run_dir", "data_sha256", "Math Avg", "Medical Avg"} and sub[c].notna().any()]
-    score_cols += [avg_col] if avg_col in sub else []
-    grouped = sub.groupby(["size", "method"], sort=False)
-    table = grouped[score_cols].mean()
-    table["n_runs"] = grouped.size()
-    table["run_dirs"] = grouped["run_dir"].agg(lambda d: ";".join(sorted(d)))
-    table[f"paper {avg_col}"] = [PAPER_TABLE1_AVG.get(key, {}).get(avg_col) for key in table.index]
-    if avg_col in table:
-        table["diff vs paper"] = table[avg_col] - table[f"paper {avg_col}"]
-    order = sorted(table.index, key=lambda k: (_size_key(k[0]), METHOD_ORDER.index(k[1]) if k[1] in METHOD_ORDER else 99))
-    return table.loc[order]
+def _order(cells: pd.DataFrame) -> pd.DataFrame:
+    """Base first, then by size, method (paper order), λ, direction, healthy before flagged."""
+    key = cells.apply(lambda r: (r["method"] != "base", r["data"], _size_key(r["size"]),
+                                 METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99,
+                                 -1.0 if pd.isna(r["kl_coef"]) else r["kl_coef"], r["kl_direction"], r["flag"]), axis=1)
+    return cells.loc[sorted(cells.index, key=lambda i: key[i])]
 
 
-def ablation(runs: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Scores of ASFT-family runs by one swept key (kl_direction or kl_coef)."""
-    sub = runs[runs["kl_coef"].notna()]
-    if sub.empty:
-        return pd.DataFrame()
-    cols = [c for c in ("Medical Avg", "Math Avg") if c in sub and sub[c].notna().any()]
-    grouped = sub.groupby(["domain", "method", by])
-    table = grouped[cols].mean()
-    table["n_runs"] = grouped.size()
-    return table
+def row_label(cell: pd.Series, show_kl: bool, show_data: bool, extra: str = "") -> str:
+    """'Base', '10k SFT', '10k ASFT λ=0.1 reverse', '10k DFT learning_rate=2e-05', '30k DFT (collapsed)'."""
+    parts = [] if cell["method"] == "base" else [cell["data"]] if show_data else []
+    parts += ["Base"] if cell["method"] == "base" else [cell["size"], METHOD_LABEL.get(cell["method"], cell["method"])]
+    if show_kl and cell["method"] in KL_METHODS:
+        parts += [f"λ={cell['kl_coef']:g}", cell["kl_direction"]]
+    parts += [extra] if extra else []
+    if cell["flag"]:
+        parts.append(f"({cell['flag']})")
+    return " ".join(parts)
 
 
-def write_tables(root: Path, out: Path, experiment: str | None = None) -> dict[str, pd.DataFrame]:
-    runs = collect_runs(root, experiment)
-    if runs.empty:
-        raise SystemExit(f"asft_repro.tables: no run with eval/metrics.json under {root}"
-                         + (f"/{experiment}" if experiment else "") + "; train with eval.after_train=true first")
-    out.mkdir(parents=True, exist_ok=True)
-    tables = {f"table1_{d}": table1(runs, d) for d in ("medical", "math")}
-    tables.update({"ablation_kl_direction": ablation(runs, "kl_direction"), "ablation_lambda": ablation(runs, "kl_coef")})
-    for name, table in tables.items():
-        if table.empty:
+@dataclass
+class ResultTable:
+    """One rendered table: numeric frame (index = row labels) plus how to show it."""
+
+    name: str
+    title: str
+    experiment: str
+    frame: pd.DataFrame
+    columns: list[tuple[str, str]]  # (frame column, display label)
+    avg: str
+    footnotes: list[str] = field(default_factory=list)
+
+    def display(self) -> pd.DataFrame:
+        """Strings as pasted: 'mean ± std', a dash where missing."""
+        f = self.frame
+        shown = {label: [fmt_score(m, s, n) for m, s, n in zip(f[c], f[f"{c} std"], f["n_runs"])] for c, label in self.columns}
+        shown[f"paper {self.avg}"] = [fmt_num(v) for v in f[f"paper {self.avg}"]]
+        shown["diff vs paper"] = [fmt_num(v, signed=True) for v in f["diff vs paper"]]
+        shown["n_runs"] = [str(int(n)) for n in f["n_runs"]]
+        return pd.DataFrame(shown, index=f.index)
+
+    def markdown(self) -> str:
+        """A GitHub pipe table with its title and footnotes."""
+        d = self.display()
+        lines = [f"## {self.name}", "", self.title, "", _pipe_row([d.index.name or "", *d.columns]),
+                 _pipe_row(["---", *(["---:"] * len(d.columns))])]
+        lines += [_pipe_row([label, *row]) for label, row in zip(d.index, d.values.tolist())]
+        return "\n".join([*lines, "", *(f"{i}. {note}" for i, note in enumerate(self.footnotes, 1))]).rstrip() + "\n"
+
+    def latex(self) -> str:
+        """A booktabs tabular with a caption comment and footnotes."""
+        d = self.display()
+        head = " & ".join(_tex(c) for c in [d.index.name or "", *d.columns])
+        body = [" & ".join(_tex(c) for c in [label, *row]) + r" \\" for label, row in zip(d.index, d.values.tolist())]
+        notes = [f"% {_tex(n)}" for n in self.footnotes]
+        return "\n".join([f"% {_tex(self.title)}", r"\begin{tabular}{l" + "r" * len(d.columns) + "}", r"\toprule",
+                          head + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}", *notes]) + "\n"
+
+    def csv_frame(self) -> pd.DataFrame:
+        """Every number and the provenance of each cell (run dirs, config hashes)."""
+        return self.frame.rename_axis("row").reset_index()
+
+
+def fmt_num(value: Any, signed: bool = False) -> str:
+    """2 decimals, or a dash when missing."""
+    if value is None or pd.isna(value):
+        return DASH
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def fmt_score(mean: Any, std: Any, n: int) -> str:
+    """'12.34 ± 0.56' over several seeds, '12.34' for one, a dash when missing."""
+    if mean is None or pd.isna(mean):
+        return DASH
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 and not pd.isna(std) else f"{mean:.2f}"
+
+
+def _pipe_row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+        "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "λ": r"$\lambda$", "|": r"$\|$"}
+
+
+def _tex(text: Any) -> str:
+    out = "".join(_TEX.get(ch, ch) for ch in str(text))
+    return "--" if out == DASH else out
+
+
+def variant_labels(cells: pd.DataFrame, labels: list[str]) -> dict[Any, str]:
+    """For cells sharing a label but trained differently (lr, batch, ...): 'learning_rate=2e-05' naming what differs."""
+    extras: dict[Any, str] = {i: "" for i in cells.index}
+    for label in set(labels):
+        same = [i for i, lab in zip(cells.index, labels) if lab == label]
+        idents = {i: json.loads(cells.loc[i, "variant_identity"]) for i in same}
+        if len({cells.loc[i, "variant"] for i in same}) < 2:
             continue
-        table.to_csv(out / f"{name}.csv")
-        shown = table.drop(columns=[c for c in ("run_dirs",) if c in table])
-        (out / f"{name}.tex").write_text(shown.to_latex(float_format="%.2f", na_rep="--"))
-        print(f"\n## {name}\n\n{shown.to_markdown(floatfmt='.2f')}\n")
-    runs.to_csv(out / "runs.csv", index=False)
-    print(f"[tables] wrote CSV and LaTeX to {out} (every cell's run directories are in the CSV)")
+        keys = sorted(k for k in set().union(*idents.values())
+                      if len({json.dumps(d.get(k), default=str) for d in idents.values()}) > 1)
+        for i in same:
+            extras[i] = " ".join(f"{k.rsplit('.', 1)[-1]}={idents[i].get(k, DASH)}" for k in keys)
+    return extras
+
+
+def build_table(name: str, cells: pd.DataFrame, group: dict[str, str], columns: list[tuple[str, str]],
+                show_kl: bool) -> ResultTable:
+    """Order and label the cells of one table, add the paper's average where a paper cell matches."""
+    domain, avg = group["domain"], AVG_COLUMN[group["domain"]]
+    cells = _order(cells).copy()
+    show_data = cells.loc[cells["data"] != "", "data"].nunique() > 1
+    extras = variant_labels(cells, [row_label(c, show_kl, show_data) for _, c in cells.assign(flag="").iterrows()])
+    cells.index = pd.Index([row_label(c, show_kl, show_data, extras[i]) for i, c in cells.iterrows()], name="Method")
+    cells[f"paper {avg}"] = [paper_average(c["model"], domain, c["size"], c["method"], c["kl_coef"], c["kl_direction"])
+                             for _, c in cells.iterrows()]
+    cells[f"paper {avg}"] = pd.to_numeric(cells[f"paper {avg}"], errors="coerce")
+    cells["diff vs paper"] = cells[avg] - cells[f"paper {avg}"]
+    title = (f"{group['kind']}: experiment {group['experiment']}, model {group['model']}, {domain}"
+             + f", eval settings {group['eval_key']}{group['eval_note']}"
+             + f"; mean ± std over seeds (n_runs); '{DASH}' = missing.")
+    return ResultTable(name, title, group["experiment"], cells, columns, avg, footnotes(cells, domain))
+
+
+def footnotes(cells: pd.DataFrame, domain: str) -> list[str]:
+    """Which paper cells are compared, and every collapsed or unfinished run by directory."""
+    notes = [f"paper: the published {AVG_COLUMN[domain]} of the same cell (model {PAPER_MODELS[domain]}, same size "
+             f"and method, ASFT at λ=0.05 forward); '{DASH}' where no paper cell matches."]
+    for label, c in cells[cells["flag"] != ""].iterrows():
+        reason = f": {c['collapse_reasons']}" if c["collapse_reasons"] else ""
+        notes.append(f"{label}: {c['flag']} run(s){reason}; {c['run_dirs']}")
+    return notes
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.+-]+", "_", text)
+
+
+def is_table1_cell(cells: pd.DataFrame) -> pd.Series:
+    """Base, SFT, DFT, and KL methods only at the paper's λ=0.05 forward."""
+    kl = cells["method"].isin(KL_METHODS)
+    default = [is_paper_kl(c, d) for c, d in zip(cells["kl_coef"], cells["kl_direction"])]
+    return ~kl | pd.Series(default, index=cells.index)
+
+
+def ablation_parts(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """λ ablation (forward KL runs) when a λ other than 0.05 exists; direction ablation when a reverse run exists."""
+    kl = cells[cells["method"].isin(KL_METHODS)]
+    forward = kl[kl["kl_direction"] == "forward"]
+    parts = {}
+    if (abs(forward["kl_coef"] - 0.05) > 1e-12).any():
+        parts["ablation_lambda"] = forward
+    reverse = kl[kl["kl_direction"] == "reverse"]
+    if not reverse.empty:
+        parts["ablation_kl_direction"] = kl[kl["kl_coef"].isin(set(reverse["kl_coef"]))]
+    return parts
+
+
+def make_tables(runs: pd.DataFrame) -> dict[str, ResultTable]:
+    """Table 1 and ablations per (experiment, model, domain [, eval settings])."""
+    tables: dict[str, ResultTable] = {}
+    for (exp, model, domain), sub in runs.groupby(["experiment", "model", "domain"], sort=True):
+        columns = score_columns(sub, domain)
+        cells = aggregate(sub, [c for c, _ in columns])
+        keys = sorted(cells["eval_key"].unique())
+        notes = settings_differences(dict(zip(cells["eval_key"], cells["eval_settings"]))) if len(keys) > 1 else {}
+        for key in keys:
+            part = cells[cells["eval_key"] == key]
+            group = {"experiment": exp, "model": model, "domain": domain, "eval_key": key,
+                     "eval_note": f" ({notes[key]})" if key in notes else ""}
+            stem = _slug(f"{domain}_{exp}_{model}" + (f"_{key}" if len(keys) > 1 else ""))
+            candidates = {"table1": part[is_table1_cell(part)], **ablation_parts(part)}
+            for kind, rows in candidates.items():
+                if not rows.empty:
+                    tables[f"{kind}_{stem}"] = build_table(f"{kind}_{stem}", rows, {**group, "kind": _KIND[kind]},
+                                                           columns, show_kl=kind != "table1")
     return tables
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+_KIND = {"table1": "Table 1", "ablation_lambda": "λ ablation", "ablation_kl_direction": "KL-direction ablation"}
+
+
+def save_table(table: ResultTable, out: Path) -> None:
+    """<name>.md, <name>.csv, <name>.tex under ``out``."""
+    (out / f"{table.name}.md").write_text(table.markdown())
+    table.csv_frame().to_csv(out / f"{table.name}.csv", index=False)
+    (out / f"{table.name}.tex").write_text(table.latex())
+
+
+def log_wandb(tables: dict[str, ResultTable], runs: pd.DataFrame, out: Path) -> list[Path]:
+    """One wandb run per experiment, ``<experiment>-tables``, each table a wandb.Table; offline by default."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    dirs = []
+    for exp in sorted({t.experiment for t in tables.values()}):
+        projects = runs.loc[runs["experiment"] == exp, "wandb_project"].dropna()
+        run = wandb.init(project=projects.iloc[0] if len(projects) else "asft-repro", name=f"{exp}-tables", group=exp,
+                         job_type="tables", dir=str(out), reinit="finish_previous")
+        run.log({t.name: _wandb_table(t) for t in tables.values() if t.experiment == exp})
+        dirs.append(Path(run.dir).parent)
+        run.finish()
+    return dirs
+
+
+def _wandb_table(table: ResultTable) -> Any:
+    import wandb
+
+    frame = table.csv_frame().astype(object)
+    frame = frame.where(frame.notna(), None)
+    return wandb.Table(dataframe=frame)
+
+
+def write_tables(root: Path, out: Path, experiment: str | None = None, use_wandb: bool = True) -> dict[str, ResultTable]:
+    """Collect, render, print and save every table; raise SystemExit with one line when there is nothing."""
+    if not root.is_dir():
+        raise fail(f"no directory {root}", "pass --root <the folder holding <experiment>/<run>/ dirs>")
+    runs = collect_runs(root, experiment)
+    if runs.empty:
+        where = f"{root}/{experiment}" if experiment else str(root)
+        raise fail(f"no run with eval/<settings>/metrics.json under {where}",
+                   "train with eval.after_train=true (or run python -m eval.run) first")
+    tables = make_tables(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    for table in tables.values():
+        save_table(table, out)
+        print("\n" + table.markdown())
+    runs.to_csv(out / "runs.csv", index=False)
+    if use_wandb:
+        log_wandb(tables, runs, out)
+    print(f"[tables] wrote Markdown, CSV and LaTeX to {out} (every cell's run directories are in the CSV)")
+    return tables
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(prog="asft_repro.tables", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("outputs"))
     parser.add_argument("--experiment", default=None, help="only runs of this experiment_name")
-    parser.add_argument("--out", type=Path, default=None, help="default: <root>/tables[/<experiment>]")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="default: <root>/tables/<experiment or all>")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log the tables to wandb")
+    args = parser.parse_args(argv)
     out = args.out or args.root / "tables" / (args.experiment or "all")
-    write_tables(args.root, out, args.experiment)
+    write_tables(args.root, out, args.experiment, use_wandb=not args.no_wandb)
 
 
 if __name__ == "__main__":

@@ -1,127 +1,272 @@
 """Hydra entry point: ``python -m asft_repro.train [experiment=...] [overrides]``.
 
-Trains one cell (model x data x method) into ``outputs/<experiment_name>/<run_name>/`` and,
-with ``eval.after_train=true``, scores the final model on the domain's benchmarks.
+Trains one cell (model x data x method) into ``outputs/<experiment_name>/<run_name>/`` on every
+rank of the job (torchrun, accelerate launch, or one SLURM / submitit task per GPU), then, with
+``eval.after_train=true``, scores the final model in a fresh process (``python -m eval.run
+run_dir=...``), so evaluation never shares a process group or GPU memory with training.
+Bookkeeping (run.json, config.yaml, metrics.jsonl, wandb, the lock) happens on rank 0 only.
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import logging
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
+import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments
 
+from asft_repro import distributed
+from asft_repro.cli import run_cli
 from asft_repro.config import BASE_METHOD, Config, ConfigError, register_configs
 from asft_repro.data import PadCollator, data_manifest, load_train_dataset
-from asft_repro.modeling import load_frozen_base, load_model, load_tokenizer, resolve_path
-from asft_repro.rundir import METRICS_FILE, RunDirError, check_run_dir, last_checkpoint, read_record, trim_metrics, write_record
-from asft_repro.trainer import ASFTTrainer, JsonlMetricsCallback, NonFiniteLossError
+from asft_repro.identity import config_hash, training_identity
+from asft_repro.modeling import check_model_config, load_model, load_tokenizer, resolve_path
+from asft_repro.rundir import (FINAL_DIR, METRICS_FILE, RunDirError, RunLock, check_run_dir, checkpoint_step,
+                               has_weights, last_complete_checkpoint, publish_final, read_record, trim_metrics,
+                               write_record)
+from asft_repro.trainer import ASFTTrainer, NonFiniteLossError, training_callbacks
 from asft_repro.wandb_setup import init_wandb
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+ZERO3_CONFIG = Path(CONF_DIR) / "deepspeed" / "zero3.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger("asft_repro.train")
 register_configs()
+transformers.utils.logging.disable_progress_bar()  # weight loading / saving bars: noise beside the step lines
 
 
-def training_arguments(cfg: Config, out: Path) -> TrainingArguments:
+# ---- what to build -------------------------------------------------------------------------------
+
+def weight_dtypes(cfg: Config) -> tuple[torch.dtype, torch.dtype]:
+    """(policy, frozen base) dtypes: mixed precision keeps fp32 master weights; the base needs none."""
+    precision = cfg.train.resolved_precision(cfg.model.dtype)
+    half = precision.split("-")[0]
+    policy = DTYPES[half] if precision.endswith("-true") else torch.float32
+    return policy, DTYPES[half]
+
+
+def strategy_arguments(cfg: Config) -> dict[str, Any]:
+    """TrainingArguments fields for ``train.strategy`` (FSDP2 full_shard or ZeRO-3 need CUDA GPUs)."""
     t = cfg.train
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = t.per_device_batch_size * world
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                          f"per_device_batch_size x world_size = {per_step}")
+    if t.strategy == "ddp":
+        return {"gradient_checkpointing": t.gradient_checkpointing}
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.strategy={t.strategy} needs CUDA GPUs (accelerate shards only on GPU backends and "
+                          f"would silently run DDP here); use train.strategy=ddp on CPU")
+    if t.strategy == "fsdp2":
+        os.environ["ACCELERATE_USE_FSDP"] = "true"  # transformers then loads weights on rank 0 only
+        return {"fsdp": True, "fsdp_config": {
+            "version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "cpu_ram_efficient_loading": True, "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": t.gradient_checkpointing}}
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ConfigError("train.strategy=zero3 needs DeepSpeed: pip install deepspeed (or use train.strategy=fsdp2)") from None
+    return {"deepspeed": t.deepspeed or str(ZERO3_CONFIG), "gradient_checkpointing": t.gradient_checkpointing}
+
+
+def gradient_accumulation(cfg: Config, world_size: int) -> int:
+    per_step = cfg.train.per_device_batch_size * world_size
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
+                          f"per_device_batch_size x world_size = {cfg.train.per_device_batch_size} x {world_size}; "
+                          f"set train.per_device_batch_size to a divisor of {cfg.train.global_batch_size // world_size}"
+                          if cfg.train.global_batch_size % world_size == 0 else
+                          f"train.global_batch_size={cfg.train.global_batch_size} does not split over {world_size} "
+                          f"ranks; use a multiple of {per_step}")
+    return cfg.train.global_batch_size // per_step
+
+
+def training_arguments(cfg: Config, out: Path, world_size: int) -> TrainingArguments:
+    """The Trainer's arguments; built before any model so ZeRO-3 / FSDP can load weights sharded."""
+    t = cfg.train
+    precision = t.resolved_precision(cfg.model.dtype)
     return TrainingArguments(
         output_dir=str(out), run_name=cfg.run_name, seed=t.seed,
-        per_device_train_batch_size=t.per_device_batch_size, gradient_accumulation_steps=t.global_batch_size // per_step,
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(cfg, world_size),
         learning_rate=t.learning_rate, num_train_epochs=t.num_epochs, max_steps=t.max_steps,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim=t.optim, gradient_checkpointing=t.gradient_checkpointing,
-        bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16",
+        max_grad_norm=t.max_grad_norm, optim=t.optim,
+        bf16=precision == "bf16-mixed", fp16=precision == "fp16-mixed",
         logging_steps=t.logging_steps, logging_first_step=True, save_strategy=t.save_strategy, save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, report_to=list(t.report_to), deepspeed=t.deepspeed, fsdp=t.fsdp or "",
-        fsdp_config=t.fsdp_config, dataloader_num_workers=t.dataloader_num_workers, remove_unused_columns=False,
+        save_total_limit=t.save_total_limit, report_to=list(t.report_to), dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False, disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False, log_level="warning", **strategy_arguments(cfg),
     )
 
 
-def train(cfg: Config, out: Path) -> Path:
-    """Fine-tune with ``cfg.method``; returns the folder of the final model."""
+# ---- rank 0: check the input, then the run directory ---------------------------------------------
+
+def preflight(cfg: Config) -> None:
+    """Everything that can be wrong with the input, checked before anything is written."""
     model_path = resolve_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = load_model(model_path, cfg.model, tokenizer)
+    check_model_config(model_path, cfg.model.trust_remote_code)
+    if cfg.method.name != BASE_METHOD:
+        load_train_dataset(cfg.data, tokenizer)  # bad / empty data, or max_length cutting every response
+
+
+def log_to_file(out: Path) -> logging.Handler:
+    """<run>/train.log receives the console's lines (rank 0)."""
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def open_run(cfg_node: DictConfig, cfg: Config, out: Path, lock: RunLock, world_size: int) -> dict[str, Any]:
+    """Take the lock, check identity, write config.yaml / run.json; returns what to do next."""
+    identity = training_identity(cfg_node)
+    manifest = data_manifest(cfg.data) if cfg.method.name != BASE_METHOD else {}
+    out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    check_run_dir(out, cfg.train.resume, identity, manifest.get("sha256"))
+    if not (out / "config.yaml").exists():
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg_node, resolve=True))
+    record = read_record(out)
+    if not record:
+        write_record(out, run_name=cfg.run_name, experiment=cfg.experiment_name, method=cfg.method.name,
+                     overrides=_task_overrides(), data_manifest=manifest, identity=identity,
+                     config_hash=config_hash(identity))
+    if cfg.method.name == BASE_METHOD:
+        write_record(out, train_status="complete", model_path=resolve_path(cfg.model))
+        return {"action": "none"}
+    if record.get("train_status") == "complete" and has_weights(Path(record.get("model_path", out / FINAL_DIR))):
+        log.info("%s: training already complete, reusing %s", out, record["model_path"])
+        return {"action": "none"}
+    checkpoint = last_complete_checkpoint(out, set_aside=True) if cfg.train.resume else None
+    if checkpoint is None:
+        (out / METRICS_FILE).unlink(missing_ok=True)  # nothing to continue from: restart at step 0
+    else:
+        step, max_steps = checkpoint_step(checkpoint)
+        trim_metrics(out, step)
+        log.info("%s: resuming from %s (step %d)", out, checkpoint.name, step)
+    write_record(out, train_status="running", world_size=world_size, strategy=cfg.train.strategy,
+                 precision=cfg.train.resolved_precision(cfg.model.dtype))
+    finished = checkpoint is not None and 0 < max_steps <= step  # killed while writing final/
+    return {"action": "save_only" if finished else "train", "checkpoint": str(checkpoint) if checkpoint else None}
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def close_run(out: Path, final: Path, collapse: str | None) -> None:
+    write_record(out, train_status="complete", model_path=str(final), collapsed=collapse is not None,
+                 collapse_reason=collapse)
+    if collapse:
+        log.warning("%s: the model collapsed (%s); it is flagged in run.json and in the tables", out, collapse)
+
+
+# ---- all ranks: training -------------------------------------------------------------------------
+
+def train(cfg: Config, out: Path, plan: dict[str, Any]) -> Path:
+    """Fine-tune with ``cfg.method`` on every rank; returns the published ``final/`` folder."""
+    state = distributed.PartialState()
+    args = training_arguments(cfg, out, state.num_processes)
+    model_path = resolve_path(cfg.model)
+    policy_dtype, base_dtype = weight_dtypes(cfg)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    model = load_model(model_path, cfg.model, tokenizer, dtype=policy_dtype)
     wants_base = cfg.method.uses_kl or cfg.train.log_kl
-    base = load_frozen_base(model_path, cfg.model, tokenizer) if wants_base else None
-    dataset = load_train_dataset(cfg.data, tokenizer)
-    args = training_arguments(cfg, out)
-    if "wandb" in args.report_to and args.process_index == 0:
-        init_wandb(cfg, out)
+    base = load_model(model_path, cfg.model, tokenizer, dtype=base_dtype) if wants_base else None
+    with args.main_process_first(desc="tokenising"):
+        dataset = load_train_dataset(cfg.data, tokenizer)
+    if "wandb" in args.report_to and state.is_main_process:
+        write_record(out, wandb_id=init_wandb(cfg, out))
     trainer = ASFTTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, method=cfg.method, base_model=base, loss_chunk_rows=cfg.train.loss_chunk_rows,
-        callbacks=[JsonlMetricsCallback(out / METRICS_FILE)],
+        callbacks=training_callbacks(out / METRICS_FILE, len(tokenizer)),
     )
-    checkpoint = last_checkpoint(out) if cfg.train.resume else None
-    if checkpoint:
-        step = int(Path(checkpoint).name.split("-")[-1])
-        trim_metrics(out, step)
-        print(f"[asft_repro] resuming {out} from {checkpoint}")
-    elif cfg.train.resume and (out / METRICS_FILE).exists():
-        (out / METRICS_FILE).unlink()  # no checkpoint to continue from: the run restarts from step 0
-    trainer.train(resume_from_checkpoint=checkpoint)
-    final = out / "final"
+    if plan["action"] == "save_only":  # killed after the last checkpoint, before final/: no extra step
+        trainer._load_from_checkpoint(plan["checkpoint"])
+    else:
+        trainer.train(resume_from_checkpoint=plan["checkpoint"])
+    staging = out / f"{FINAL_DIR}.tmp"
+    distributed.on_main(lambda: shutil.rmtree(staging, ignore_errors=True))
     if cfg.train.save_final_model:
-        trainer.save_model(str(final))
-    if "wandb" in args.report_to and args.process_index == 0:
+        trainer.save_model(str(staging))  # collective under FSDP / ZeRO-3
+    distributed.barrier()
+    final = distributed.on_main(publish_final, out, staging) if cfg.train.save_final_model else out / FINAL_DIR
+    distributed.on_main(close_run, out, final, trainer.collapse_reason())
+    if "wandb" in args.report_to and state.is_main_process:
         import wandb
 
         wandb.finish()
-    is_main = trainer.is_world_process_zero()
     del trainer, model, base
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if not is_main:
-        sys.exit(0)  # evaluation and bookkeeping run on the main process only
     return final
 
 
-def run(cfg_node: DictConfig) -> Path:
-    """Train (unless method=base), then evaluate; returns the run directory."""
-    cfg: Config = OmegaConf.to_object(cfg_node)
-    out = Path(cfg.output_dir)
-    check_run_dir(out, cfg.train.resume)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg_node, resolve=True))
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    write_record(out, run_name=cfg.run_name, experiment=cfg.experiment_name, method=cfg.method.name,
-                 overrides=overrides, data_manifest=data_manifest(cfg.data) if cfg.method.name != BASE_METHOD else {})
-    if cfg.method.name == BASE_METHOD:
-        model_path = resolve_path(cfg.model)
-        write_record(out, train_status="complete", model_path=model_path)
-    elif read_record(out).get("train_status") == "complete":
-        model_path = read_record(out)["model_path"]
-        print(f"[asft_repro] {out}: training already complete, reusing {model_path}")
-    else:
-        write_record(out, train_status="running")
-        model_path = str(train(cfg, out))
-        write_record(out, train_status="complete", model_path=model_path)
-    if cfg.eval.after_train:
-        from eval.runner import evaluate
+def evaluate_in_subprocess(cfg: Config, out: Path) -> None:
+    """``python -m eval.run run_dir=OUT`` in a fresh process with this run's eval settings."""
+    overrides = [f"eval.{k}={json.dumps(v)}" for k, v in OmegaConf.to_container(OmegaConf.structured(cfg.eval)).items()]
+    command = [sys.executable, "-m", "eval.run", f"run_dir={json.dumps(str(out))}", *overrides]
+    log.info("evaluating in a fresh process: %s", " ".join(command[:4]))
+    result = subprocess.run(command, env=distributed.child_env(), stderr=subprocess.PIPE, text=True)
+    if result.returncode:
+        sys.stderr.write(result.stderr[-4000:])
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RunDirError(f"evaluation of {out} failed ({last}); the training is saved: rerun "
+                          f"`python -m eval.run run_dir={out}`")
 
-        evaluate(cfg, model_path, out / "eval")
+
+def run(cfg_node: DictConfig) -> Path:
+    """Train (unless method=base or already done), then evaluate in a fresh process; returns the run dir."""
+    cfg: Config = OmegaConf.to_object(cfg_node)
+    if cfg.eval.after_train and not cfg.train.save_final_model and cfg.method.name != BASE_METHOD:
+        raise ConfigError("eval.after_train=true needs the final model; set train.save_final_model=true, "
+                          "or eval.after_train=false")
+    state = distributed.setup()
+    out = Path(cfg.output_dir)
+    distributed.on_main(preflight, cfg)
+    lock = RunLock(out) if state.is_main_process else None
+    handler = None
+    try:
+        plan = distributed.on_main(open_run, cfg_node, cfg, out, lock, state.num_processes)
+        handler = log_to_file(out) if state.is_main_process else None
+        if plan["action"] != "none":
+            train(cfg, out, plan)
+    finally:
+        if lock is not None:
+            lock.release()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    is_main = state.is_main_process
+    distributed.teardown()
+    if is_main and cfg.eval.after_train:
+        evaluate_in_subprocess(cfg, out)
     return out
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except (ConfigError, RunDirError, FileNotFoundError, NonFiniteLossError) as err:
         sys.exit(f"asft_repro.train: {err}")
+
+
+def main() -> None:
+    run_cli("asft_repro.train", "config", _main)
 
 
 if __name__ == "__main__":

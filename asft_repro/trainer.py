@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from asft_repro.config import MethodConfig
+from asft_repro.jsonl import append_jsonl
 from asft_repro.losses import loss_and_token_sums, summarize
 from asft_repro.reference import prepare_reference_model
+
+
+log = logging.getLogger("asft_repro.train")
+COLLAPSE_PATIENCE = 5  # consecutive logging steps at the uniform floor / with zero gradient
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -23,17 +29,20 @@ class NonFiniteLossError(FloatingPointError):
 class ASFTTrainer(Trainer):
     """Trainer whose ``compute_loss`` is :func:`asft_repro.losses.compute_loss`.
 
-    The loss is a sum over response tokens divided by the token count of the whole
-    accumulated (and, across devices, gathered) batch, so it is already scaled for
-    gradient accumulation. Token sums of every metric are accumulated between logging
+    The loss is a sum over response tokens divided by ``num_items_in_batch``, the token count
+    of the whole accumulated (and, across devices, gathered) batch. The model's forward never
+    sees loss kwargs, so whether it accepts them is irrelevant: the Trainer is told to always
+    count the tokens, and it then treats the loss as scaled for gradient accumulation exactly
+    when it passed the count. Token sums of every metric are accumulated between logging
     steps and reduced across processes, then logged with the Trainer's own ``log``.
     """
-
-    loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, method: MethodConfig, base_model: torch.nn.Module | None = None,
                  loss_chunk_rows: int = 1024, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # compute_loss, not the model, takes num_items_in_batch
+        for callback in (PrinterCallback, ProgressCallback):  # the console gets ConsoleLogCallback's lines
+            self.remove_callback(callback)
         self.method = method
         self.loss_chunk_rows = loss_chunk_rows
         self.base_model = prepare_reference_model(base_model, self.accelerator) if base_model is not None else None
@@ -71,15 +80,71 @@ class ASFTTrainer(Trainer):
             self._metric_sums.clear()
         super().log(logs, start_time)
 
+    def collapse_reason(self) -> str | None:
+        monitor = next((c for c in self.callback_handler.callbacks if isinstance(c, CollapseMonitor)), None)
+        return monitor.reason if monitor else None
+
 
 class JsonlMetricsCallback(TrainerCallback):
-    """Appends every log (step, epoch, loss, ce, dft, kl_*, ess, lr, grad norm) to metrics.jsonl."""
+    """Appends every log (step, epoch, loss, ce, dft, kl_*, ess, lr, grad norm) to metrics.jsonl (rank 0)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+            append_jsonl(self.path, [{"step": state.global_step, "epoch": state.epoch, **logs}])
+
+
+CONSOLE_FIELDS = [("loss", "loss", ".4f"), ("ce", "ce", ".4f"), ("dft", "dft", ".4f"), ("kl_forward", "kl", ".4f"),
+                  ("dft_weight_ess", "ess", ".3f"), ("token_prob_mean", "p", ".3f"), ("learning_rate", "lr", ".2e"),
+                  ("grad_norm", "gnorm", ".3f")]
+
+
+class ConsoleLogCallback(TrainerCallback):
+    """One concise line per logging step (``step 12/96 | loss 0.41 | ce 1.9 | kl 0.003 | ...``), via logging."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, float] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            log.info("%d optimizer steps | global batch %d = %d per device x %d ranks x %d accumulation",
+                     state.max_steps, args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+                     args.per_device_train_batch_size, args.world_size, args.gradient_accumulation_steps)
+        self._last = (state.global_step, time.perf_counter())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [f"{short} {logs[key]:{fmt}}" for key, short, fmt in CONSOLE_FIELDS if isinstance(logs.get(key), (int, float))]
+        now = time.perf_counter()
+        if self._last and state.global_step > self._last[0]:
+            parts.append(f"{(now - self._last[1]) / (state.global_step - self._last[0]):.2f} s/step")
+        self._last = (state.global_step, now)
+        log.info(" | ".join(parts))
+
+
+class CollapseMonitor(TrainerCallback):
+    """Flags a run whose model collapsed: token probability at the uniform floor, or zero gradient, for long."""
+
+    def __init__(self, vocab_size: int, patience: int = COLLAPSE_PATIENCE) -> None:
+        self.floor = 2.0 / vocab_size
+        self.patience = patience
+        self.streak = 0
+        self.reason: str | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "token_prob_mean" not in logs:
+            return
+        uniform = logs["token_prob_mean"] <= self.floor
+        frozen = isinstance(logs.get("grad_norm"), (int, float)) and logs["grad_norm"] == 0.0
+        self.streak = self.streak + 1 if uniform or frozen else 0
+        if self.streak >= self.patience and self.reason is None:
+            what = "mean token probability at the uniform floor" if uniform else "zero gradient norm"
+            self.reason = f"{what} for {self.streak} logging steps up to step {state.global_step}; lower train.learning_rate"
+
+
+def training_callbacks(metrics_path: Path, vocab_size: int) -> list[TrainerCallback]:
+    return [JsonlMetricsCallback(metrics_path), ConsoleLogCallback(), CollapseMonitor(vocab_size)]

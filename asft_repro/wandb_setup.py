@@ -16,12 +16,13 @@ def run_tags(cfg: Config) -> list[str]:
     return tags
 
 
-def init_wandb(cfg: Config, out: Path) -> None:
-    """Start the run the Trainer's WandbCallback then logs into (WANDB_MODE in the env wins)."""
+def init_wandb(cfg: Config, out: Path) -> str:
+    """Start the run the Trainer's WandbCallback then logs into (WANDB_MODE in the env wins); returns its id."""
     import wandb
 
     os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
+    run_id = f"{cfg.experiment_name}-{cfg.run_name}".replace("/", "_")[:120]
     wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.experiment_name, name=cfg.run_name,
-               id=f"{cfg.experiment_name}-{cfg.run_name}".replace("/", "_")[:120], resume="allow", tags=run_tags(cfg), dir=str(out),
-               config=asdict(cfg))
+               id=run_id, resume="allow", tags=run_tags(cfg), dir=str(out), config=asdict(cfg))
+    return run_id

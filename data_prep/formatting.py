@@ -56,6 +56,18 @@ def instruction_response(row: dict) -> dict | str:
 FORMATTERS: dict[str, Callable[[dict], dict | str]] = {
     "numina": numina, "medmcqa": medmcqa, "instruction_response": instruction_response,
 }
+# the fields each formatter reads: a source without them is refused before anything is written
+FORMATTER_FIELDS: dict[str, tuple[str, ...]] = {
+    "numina": ("problem", "solution"), "medmcqa": ("question", "opa", "opb", "opc", "opd", "cop"),
+    "instruction_response": ("instruction", "response"),
+}
+
+
+def benchmark_fields(spec: Any) -> list[str]:
+    """The fields ``benchmark_item`` reads for ``spec`` (question, answer, options)."""
+    options = spec.get("options")
+    options = [options] if isinstance(options, str) else list(options or [])
+    return [spec.question, spec.answer, *options]
 
 
 def _answer_letter(value: Any, n_options: int) -> str | None:

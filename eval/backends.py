@@ -3,6 +3,13 @@
 ``generate`` returns ``n`` completions per prompt; ``choice_logprobs`` returns, per prompt, the
 log-probability of each option letter as the next token (-inf when a letter is not among the
 candidates the backend reports). vllm is imported only when its backend is built.
+
+Sampling seeds are per prompt (``generate(prompts, sampling, seeds)``; the runner passes
+``eval.seed + the item's index in its benchmark``), so an item's samples do not depend on which batch
+or data-parallel worker scores it: hf seeds and samples each prompt on its own (greedy stays batched),
+vllm gives each prompt its own seeded SamplingParams. openai sends one seed (``sampling.seed``) per
+request; a vLLM server seeds every prompt of the request with it, so there too an item's samples do
+not depend on its batch, but items are not given seeds of their own.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ class Sampling:
 
 
 class GenerationBackend(Protocol):
-    def generate(self, prompts: list[str], sampling: Sampling) -> list[list[str]]: ...
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int] | None = None) -> list[list[str]]: ...
 
     def choice_logprobs(self, prompts: list[str], letters: str) -> list[dict[str, float]]: ...
 
@@ -63,8 +70,16 @@ class HFBackend:
             yield chunk, enc
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], sampling: Sampling) -> list[list[str]]:
-        torch.manual_seed(sampling.seed)
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int] | None = None) -> list[list[str]]:
+        if sampling.temperature > 0:  # one prompt at a time, each with its own seed: batch-independent samples
+            out = []
+            for prompt, seed in zip(prompts, seeds if seeds is not None else [sampling.seed] * len(prompts)):
+                torch.manual_seed(seed)
+                out += self._generate([prompt], sampling)
+            return out
+        return self._generate(prompts, sampling)
+
+    def _generate(self, prompts: list[str], sampling: Sampling) -> list[list[str]]:
         out: list[list[str]] = []
         for chunk, enc in self._batches(prompts):
             kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "num_return_sequences": sampling.n,
@@ -113,12 +128,16 @@ class VLLMBackend:
         self.llm = LLM(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_model_len=max_model_len)
 
-    def generate(self, prompts: list[str], sampling: Sampling) -> list[list[str]]:
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int] | None = None) -> list[list[str]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_new_tokens, seed=sampling.seed)
-        return [[c.text for c in r.outputs] for r in self.llm.generate(prompts, params)]
+        def params(seed: int) -> SamplingParams:
+            return SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                  max_tokens=sampling.max_new_tokens, seed=seed)
+
+        sampled = seeds is not None and sampling.temperature > 0
+        per_prompt = [params(seed) for seed in seeds] if sampled else params(sampling.seed)
+        return [[c.text for c in r.outputs] for r in self.llm.generate(prompts, per_prompt)]
 
     def choice_logprobs(self, prompts: list[str], letters: str) -> list[dict[str, float]]:
         from vllm import SamplingParams
@@ -148,8 +167,8 @@ class OpenAIServerBackend:
                                   f"(`vllm serve MODEL`) or set eval.server_url") from None
         return sorted(choices, key=lambda c: c["index"])
 
-    def generate(self, prompts: list[str], sampling: Sampling) -> list[list[str]]:
-        out = []
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int] | None = None) -> list[list[str]]:
+        out = []  # one seed per request (sampling.seed): see the module docstring
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
             choices = self._complete(chunk, n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,

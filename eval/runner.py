@@ -1,22 +1,68 @@
-"""Score a model on benchmark files; resumable per-sample outputs and one metrics.json."""
+"""Score a model on benchmark files; resumable per-sample outputs and one metrics.json.
+
+Results are keyed by what produced them. ``evaluate(cfg, model_path, eval_root)`` fingerprints the
+model (its path and, for a local folder, the names, sizes and mtimes of its weight files), every
+benchmark file read (sha256), the prompt template used, mc_mode, backend, dtype and the sampling
+settings, and writes into ``eval_root/<settings_hash>/``::
+
+    settings.json       the fingerprint, human-readable
+    <benchmark>.jsonl   per-sample records, appended as batches finish; a rerun resumes from them
+    metrics.json        scores + settings_hash + settings
+
+Change any of those settings and the results go to a new subfolder: records are never reused for
+settings other than the ones that produced them.
+
+Data parallel (``eval.data_parallel_size``, N; 0 = visible GPUs // GPUs per worker, 1 on a machine
+without GPUs; not part of the settings hash: it does not change the records). With N > 1 the parent
+starts N fresh worker processes (``python -m eval.runner --worker``, the job on stdin); worker i gets
+``CUDA_VISIBLE_DEVICES`` = GPUs i*G .. i*G+G-1 of the parent's visible list (G = eval.tensor_parallel_size
+for vllm, 1 for hf; left alone without GPUs and for openai), scores items i, i+N, i+2N, ... of each
+benchmark and appends to ``<benchmark>.part{i}of{N}.jsonl`` (resumable like the main file). When every
+worker succeeds, the parent merges the parts into ``<benchmark>.jsonl`` in the benchmark's item order,
+deletes them and writes metrics.json as the one-process path does; a failed worker stops the run with one
+line (the worker, its last stderr line) and its parts are kept, so a rerun resumes. Parts left by a run
+with another N are merged into ``<benchmark>.jsonl`` first. Sampling seeds are per item (eval.seed + the
+item's index in its benchmark, see eval/backends.py), so N workers and one process give the same
+records; greedy records can still differ in the last bits between batch compositions (as with another
+eval.batch_size), which can flip a near-tie.
+"""
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import hashlib
 import json
+import os
+import re
 import statistics
+import subprocess
+import sys
+import threading
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from asft_repro.config import ConfigError
+from asft_repro.jsonl import append_jsonl, read_jsonl
 from data_prep.formatting import LETTERS, render_mcq
 from eval.backends import GenerationBackend, Sampling, make_backend
 from eval.graders import extract_choice, grade_math
 
 SOURCES = Path(__file__).resolve().parent.parent / "conf" / "prep" / "sources.yaml"
 DOMAIN_AVG = {"math": "Math Avg", "medical": "Medical Avg"}
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "config.json")
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "n_samples", "seed", "limit")
+ROOT = Path(__file__).resolve().parent.parent
+PART = re.compile(r"\.part(\d+)of(\d+)\.jsonl")
+
+
+class WorkerError(ChildProcessError):
+    """A data-parallel eval worker failed; the message names it and its last stderr line."""
 
 
 def source_config() -> Any:
@@ -30,7 +76,7 @@ def resolve_benchmarks(names: list[str] | None, domain: str) -> list[str]:
     known = set(sources.benchmarks) | set(sources.benchmark_groups)
     for name in names:
         if name not in known:
-            raise ValueError(f"unknown benchmark '{name}': choose from {', '.join(sorted(known))}")
+            raise ValueError(f"unknown benchmark '{name}'; choose from {', '.join(sorted(known))}")
     return names
 
 
@@ -42,7 +88,7 @@ def load_items(name: str, benchmarks_dir: Path, limit: int | None) -> tuple[list
     for member in members:
         path = benchmarks_dir / member / "test.jsonl"
         if not path.exists():
-            raise FileNotFoundError(f"benchmark file {path} not found: run `python -m data_prep benchmarks=[{name}]` "
+            raise FileNotFoundError(f"benchmark file {path} not found; run `python -m data_prep benchmarks=[{name}]` "
                                     f"(add local_dir=DIR offline) or set eval.benchmarks_dir")
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         items += rows[:limit] if limit else rows
@@ -60,7 +106,8 @@ def build_prompt(item: dict, template: str, tokenizer: Any, mc_mode: str) -> str
     return render_prompt(item["prompt"], tokenizer, template)
 
 
-def _score_batch(batch: list[dict], prompts: list[str], backend: GenerationBackend, cfg: Any, sampling: Sampling) -> list[dict]:
+def _score_batch(batch: list[dict], prompts: list[str], backend: GenerationBackend, cfg: Any, sampling: Sampling,
+                 seeds: list[int]) -> list[dict]:
     kind = batch[0]["kind"]
     if kind == "multiple_choice" and cfg.mc_mode == "loglik":
         records = []
@@ -71,7 +118,7 @@ def _score_batch(batch: list[dict], prompts: list[str], backend: GenerationBacke
                             "correct": [parsed == item["answer"]], "answer": item["answer"], "letter_logprobs": scores})
         return records
     records = []
-    for item, outputs in zip(batch, backend.generate(prompts, sampling)):
+    for item, outputs in zip(batch, backend.generate(prompts, sampling, seeds)):
         if kind == "math":
             graded = [grade_math(text, item["answer"]) for text in outputs]
             correct, parsed = [g[0] for g in graded], [g[1] for g in graded]
@@ -83,34 +130,81 @@ def _score_batch(batch: list[dict], prompts: list[str], backend: GenerationBacke
     return records
 
 
-def score_benchmark(name: str, items: list[dict], backend: GenerationBackend, cfg: Any, template: str,
-                    tokenizer: Any, out_file: Path) -> dict[str, Any]:
-    """Score ``items``, appending per-sample records to ``out_file`` as batches finish (resumable)."""
-    done: dict[str, dict] = {}
-    if out_file.exists():
-        for line in out_file.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[f"{record['benchmark']}/{record['id']}"] = record
-    todo = [it for it in items if f"{it['benchmark']}/{it['id']}" not in done]
+def item_key(item: dict) -> str:
+    return f"{item['benchmark']}/{item['id']}"
+
+
+def score_items(name: str, items: list[dict], backend: GenerationBackend, cfg: Any, template: str, tokenizer: Any,
+                out_file: Path, shard: tuple[int, int] = (0, 1), skip: frozenset[str] | set[str] = frozenset()) -> dict[str, dict]:
+    """Score items ``i, i+N, i+2N, ...`` of ``items`` (``shard=(i, N)``; all by default) that neither ``out_file``
+    nor ``skip`` holds, appending records to ``out_file`` as batches finish; returns ``out_file``'s records by key."""
+    worker, workers = shard
+    done = {item_key(record): record for record in read_jsonl(out_file)}
+    mine = list(range(worker, len(items), workers))
+    todo = [index for index in mine if item_key(items[index]) not in done and item_key(items[index]) not in skip]
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.n_samples, cfg.seed)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    with out_file.open("a", encoding="utf-8") as f, tqdm(total=len(items), initial=len(items) - len(todo), desc=name) as bar:
+    desc = name if workers == 1 else f"{name} [worker {worker} of {workers}]"
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc) as bar:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start:start + cfg.batch_size]
-            for kind in {it["kind"] for it in batch}:
-                same = [it for it in batch if it["kind"] == kind]
-                prompts = [build_prompt(it, template, tokenizer, cfg.mc_mode) for it in same]
-                for record in _score_batch(same, prompts, backend, cfg, sampling):
-                    f.write(json.dumps(record) + "\n")
-                    done[f"{record['benchmark']}/{record['id']}"] = record
-            f.flush()
+            for kind in sorted({items[index]["kind"] for index in batch}):
+                same = [index for index in batch if items[index]["kind"] == kind]
+                prompts = [build_prompt(items[index], template, tokenizer, cfg.mc_mode) for index in same]
+                # per-item seeds: an item's samples do not depend on its batch or worker
+                records = _score_batch([items[index] for index in same], prompts, backend, cfg, sampling,
+                                       [cfg.seed + index for index in same])
+                append_jsonl(out_file, records)
+                done.update((item_key(r), r) for r in records)
             bar.update(len(batch))
-    records = [done[f"{it['benchmark']}/{it['id']}"] for it in items]
+    return done
+
+
+def benchmark_scores(items: list[dict], done: dict[str, dict]) -> dict[str, Any]:
+    """accuracy (mean over items of the mean over samples), counts and unparsed answers."""
+    records = [done[item_key(it)] for it in items]
     per_item = [statistics.fmean(map(float, r["correct"])) for r in records]
     return {"accuracy": 100.0 * statistics.fmean(per_item) if per_item else None, "num_items": len(records),
             "num_samples": sum(len(r["correct"]) for r in records),
             "unparsed": sum(p is None for r in records for p in r["parsed"])}
+
+
+def score_benchmark(name: str, items: list[dict], backend: GenerationBackend, cfg: Any, template: str,
+                    tokenizer: Any, out_file: Path) -> dict[str, Any]:
+    """Score ``items``, appending per-sample records to ``out_file`` as batches finish (resumable)."""
+    return benchmark_scores(items, score_items(name, items, backend, cfg, template, tokenizer, out_file))
+
+
+def part_file(out_file: Path, worker: int, workers: int) -> Path:
+    """Worker ``worker`` of ``workers``'s records for ``out_file`` (``<benchmark>.part{i}of{N}.jsonl``)."""
+    return out_file.with_name(f"{out_file.stem}.part{worker}of{workers}.jsonl")
+
+
+def part_files(out_file: Path, workers: int | None = None) -> list[Path]:
+    """The part files next to ``out_file`` (of ``workers`` workers only, if given)."""
+    parts = []
+    for path in sorted(out_file.parent.glob(f"{out_file.stem}.part*of*.jsonl")):
+        match = PART.fullmatch(path.name[len(out_file.stem):])
+        if match and (workers is None or int(match.group(2)) == workers):
+            parts.append(path)
+    return parts
+
+
+def merge_parts(out_file: Path, parts: list[Path], items: list[dict]) -> dict[str, dict]:
+    """Fold ``parts`` into ``out_file`` (its records and theirs, in the benchmark's item order), delete them;
+    returns the records by key. Without parts, ``out_file`` is left as it is."""
+    done: dict[str, dict] = {}
+    for path in (out_file, *parts):
+        for record in read_jsonl(path):
+            done.setdefault(item_key(record), record)
+    if parts:
+        order = {item_key(it): position for position, it in enumerate(items)}
+        records = sorted(done.values(), key=lambda r: order.get(item_key(r), len(order)))
+        tmp = out_file.with_name(out_file.name + ".tmp")
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+        os.replace(tmp, out_file)
+        for path in parts:
+            path.unlink()
+    return done
 
 
 def domain_average(scores: dict[str, dict], domain: str) -> float | None:
@@ -120,28 +214,239 @@ def domain_average(scores: dict[str, dict], domain: str) -> float | None:
     return statistics.fmean(values) if all(v is not None for v in values) else None
 
 
-def evaluate(cfg: Any, model_path: str, out_dir: Path, benchmarks: list[str] | None = None) -> dict[str, Any]:
-    """Score ``model_path`` on the configured benchmarks; writes eval/<benchmark>.jsonl and metrics.json."""
+def model_fingerprint(model_path: str) -> dict[str, Any]:
+    """A local folder: its resolved path and each weight file's size and mtime; a hub id: the id."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return {"hub_id": model_path}
+    weights = {}
+    for path in sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()}):
+        stat = path.stat()
+        weights[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": str(folder.resolve()), "weights": weights}
+
+
+def eval_settings(cfg: Any, model_path: str, template: str, benchmark_sha256: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Everything that decides the per-sample records: model, benchmark files, template, scoring, sampling."""
     ecfg = cfg.eval
-    names = resolve_benchmarks(benchmarks or ecfg.benchmarks, cfg.data.domain)
-    loaded = {name: load_items(name, Path(ecfg.benchmarks_dir), ecfg.limit) for name in names}
-    template = ecfg.template or cfg.data.template
-    backend = make_backend(ecfg, model_path, cfg.model.dtype)
+    settings = {"model": model_fingerprint(model_path), "dtype": cfg.model.dtype, "benchmarks": benchmark_sha256,
+                "template": template, "mc_mode": ecfg.mc_mode, "backend": ecfg.backend,
+                **{k: getattr(ecfg, k) for k in SAMPLING_KEYS}}
+    if ecfg.backend == "openai":  # the server decides which weights answer
+        settings["server_model"] = ecfg.server_model or model_path
+    return settings
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    payload = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def gpu_ids(cuda_visible_devices: str | None, count: int) -> list[str]:
+    """The ids a child's CUDA_VISIBLE_DEVICES should use for the ``count`` GPUs this process sees."""
+    if cuda_visible_devices is None:
+        return [str(i) for i in range(count)]
+    return [d.strip() for d in cuda_visible_devices.split(",") if d.strip()][:count]
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpu_ids(os.environ.get("CUDA_VISIBLE_DEVICES"), count)
+
+
+def data_parallel_plan(ecfg: Any, gpus: list[str] | None = None) -> list[str | None]:
+    """One entry per worker: its CUDA_VISIBLE_DEVICES, or None to leave the environment alone.
+
+    ``[None]`` is the one-process path. G GPUs per worker: eval.tensor_parallel_size for vllm, 1 for hf;
+    none for openai (the server holds the GPUs; auto = 1 there) and on a machine without GPUs (CPU
+    workers share the cores; auto = 1).
+    """
+    requested = getattr(ecfg, "data_parallel_size", 1)
+    if requested == 1:
+        return [None]
+    if ecfg.backend == "openai":
+        return [None] * max(requested, 1)
+    gpus = visible_gpus() if gpus is None else gpus
+    if not gpus:
+        return [None] * max(requested, 1)
+    per_worker = ecfg.tensor_parallel_size if ecfg.backend == "vllm" else 1
+    workers = requested or max(1, len(gpus) // per_worker)
+    if workers == 1:  # auto on too few GPUs for one worker: one process, as with data_parallel_size=1
+        return [None]
+    if workers * per_worker > len(gpus):
+        raise ConfigError(f"eval.data_parallel_size={requested} needs {workers * per_worker} GPUs "
+                          f"({per_worker} per worker) but {len(gpus)} are visible; set 0 (auto) or at most "
+                          f"{max(1, len(gpus) // per_worker)}")
+    return [",".join(gpus[i * per_worker:(i + 1) * per_worker]) for i in range(workers)]
+
+
+def _plain(ecfg: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(ecfg):
+        return dataclasses.asdict(ecfg)
+    if OmegaConf.is_config(ecfg):
+        return OmegaConf.to_container(ecfg, resolve=True)
+    return dict(vars(ecfg))
+
+
+def _tokenizer(backend: Any, template: str, model_path: str) -> Any:
     tokenizer = getattr(backend, "tokenizer", None)
     if tokenizer is None and template == "chat":
         from asft_repro.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(model_path)
-    scores = {name: score_benchmark(name, items, backend, ecfg, template, tokenizer, out_dir / f"{name}.jsonl")
-              for name, (items, _hashes) in loaded.items()}
+    return tokenizer
+
+
+def _last_line(data: bytes) -> str:
+    lines = [line.strip() for line in re.split(r"[\r\n]", data.decode("utf-8", "replace")) if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def _pump(stream: Any, tail: bytearray, lock: threading.Lock) -> None:
+    """Copy a worker's stderr to ours as it comes, keeping its last 8 KiB."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    while chunk := stream.read1(65536):
+        with lock:
+            sys.stderr.write(decoder.decode(chunk))
+            sys.stderr.flush()
+        tail += chunk
+        del tail[:-8192]
+
+
+def _feed(stream: Any, data: bytes) -> None:
+    try:
+        stream.write(data)
+        stream.close()
+    except BrokenPipeError:  # the worker died at start: its exit code and stderr say why
+        pass
+
+
+def run_workers(plan: list[str | None], job: dict[str, Any], jobs: list[dict[str, Any]], out_dir: Path) -> None:
+    """Run ``python -m eval.runner --worker`` once per non-empty entry of ``jobs`` (``job`` + its benchmarks),
+    worker i with CUDA_VISIBLE_DEVICES=plan[i]; wait for all; WorkerError naming the first that failed."""
+    workers = len(plan)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    lock, procs = threading.Lock(), []
+    try:
+        for worker, (devices, benchmarks) in enumerate(zip(plan, jobs)):
+            if not benchmarks:
+                continue
+            child_env = env if devices is None else {**env, "CUDA_VISIBLE_DEVICES": devices}
+            proc = subprocess.Popen([sys.executable, "-m", "eval.runner", "--worker"], stdin=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=child_env)
+            tail = bytearray()
+            pump = threading.Thread(target=_pump, args=(proc.stderr, tail, lock), daemon=True)
+            pump.start()
+            procs.append((worker, devices, proc, pump, tail))
+            data = json.dumps({**job, "worker": worker, "workers": workers, "benchmarks": benchmarks}).encode()
+            threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True).start()  # workers start side by side
+        for _worker, _devices, proc, pump, _tail in procs:
+            proc.wait()
+            pump.join()
+    finally:
+        for *_rest, proc, _pump_thread, _tail in procs:
+            if proc.poll() is None:  # we are being interrupted: do not leave workers behind
+                proc.terminate()
+                proc.wait()
+    failed = [(w, d, p.returncode, t) for w, d, p, _pump_thread, t in procs if p.returncode]
+    if failed:
+        worker, devices, code, tail = failed[0]
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        on = f", CUDA_VISIBLE_DEVICES={devices}" if devices is not None else ""
+        more = f" ({len(failed) - 1} more worker(s) failed)" if len(failed) > 1 else ""
+        raise WorkerError(f"eval worker {worker} of {workers} failed ({how}{on}): {_last_line(bytes(tail))}{more}; "
+                          f"the records so far are kept in {out_dir}/*.part*of{workers}.jsonl: rerun the same "
+                          f"command to resume")
+
+
+def worker_main() -> int:
+    """``python -m eval.runner --worker``: score one shard of each benchmark described by the JSON on stdin."""
+    job = json.load(sys.stdin)
+    try:
+        ecfg = SimpleNamespace(**job["eval"])
+        backend = make_backend(ecfg, job["model_path"], job["dtype"])
+        tokenizer = _tokenizer(backend, job["template"], job["model_path"])
+        for bench in job["benchmarks"]:
+            score_items(bench["name"], bench["items"], backend, ecfg, job["template"], tokenizer, Path(bench["out_file"]),
+                        (job["worker"], job["workers"]), set(bench["skip"]))
+    except Exception as err:  # noqa: BLE001 - reported to the parent as this process's last stderr line
+        traceback.print_exc()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        sys.stderr.write(f"{type(err).__name__}: {first}\n" if first else f"{type(err).__name__}\n")
+        return 1
+    return 0
+
+
+def evaluate_data_parallel(plan: list[str | None], ecfg: Any, model_path: str, dtype: str, template: str,
+                           loaded: dict[str, tuple[list[dict], Any]], out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Score every benchmark with ``len(plan)`` worker processes, merge their parts, return the scores."""
+    workers = len(plan)
+    jobs: list[list[dict[str, Any]]] = [[] for _ in plan]
+    for name, (items, _hashes) in loaded.items():
+        out_file = out_dir / f"{name}.jsonl"
+        others = [p for p in part_files(out_file) if p not in part_files(out_file, workers)]
+        main = merge_parts(out_file, others, items)  # parts of a run with another N join the main file first
+        for worker in range(workers):
+            part = part_file(out_file, worker, workers)
+            done = set(main) | {item_key(r) for r in read_jsonl(part)}
+            if any(item_key(items[i]) not in done for i in range(worker, len(items), workers)):
+                jobs[worker].append({"name": name, "items": items, "out_file": str(part), "skip": sorted(main)})
+    job = {"eval": _plain(ecfg), "model_path": model_path, "dtype": dtype, "template": template}
+    if any(jobs):
+        print(f"[eval] {sum(map(bool, jobs))} of {workers} data-parallel workers scoring into {out_dir}", flush=True)
+        run_workers(plan, job, jobs, out_dir)
+    scores = {}
+    for name, (items, _hashes) in loaded.items():
+        out_file = out_dir / f"{name}.jsonl"
+        scores[name] = benchmark_scores(items, merge_parts(out_file, part_files(out_file), items))
+    return scores
+
+
+def evaluate(cfg: Any, model_path: str, eval_root: Path, benchmarks: list[str] | None = None) -> dict[str, Any]:
+    """Score ``model_path`` on the configured benchmarks into ``eval_root/<settings_hash>/``; returns metrics."""
+    ecfg = cfg.eval
+    names = resolve_benchmarks(benchmarks or ecfg.benchmarks, cfg.data.domain)
+    loaded = {name: load_items(name, Path(ecfg.benchmarks_dir), ecfg.limit) for name in names}
+    template = ecfg.template or cfg.data.template
+    settings = eval_settings(cfg, model_path, template, {name: hashes for name, (_items, hashes) in loaded.items()})
+    key = settings_hash(settings)
+    out_dir = Path(eval_root) / key
+    plan = data_parallel_plan(ecfg)
+    if len(plan) == 1:
+        backend = make_backend(ecfg, model_path, cfg.model.dtype)  # a model that cannot load fails before any write
+        tokenizer = _tokenizer(backend, template, model_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "settings.json", settings)
+    if len(plan) == 1:
+        scores = {}
+        for name, (items, _hashes) in loaded.items():
+            out_file = out_dir / f"{name}.jsonl"
+            merge_parts(out_file, part_files(out_file), items)  # records of an earlier data-parallel run
+            scores[name] = score_benchmark(name, items, backend, ecfg, template, tokenizer, out_file)
+    else:
+        scores = evaluate_data_parallel(plan, ecfg, model_path, cfg.model.dtype, template, loaded, out_dir)
     metrics = {
-        "model_path": model_path, "benchmarks": scores,
+        "model_path": model_path, "benchmarks": scores, "settings_hash": key, "settings": settings,
         "averages": {label: domain_average(scores, domain) for domain, label in DOMAIN_AVG.items()},
-        "sampling": {k: getattr(ecfg, k) for k in ("backend", "mc_mode", "max_new_tokens", "temperature", "top_p", "n_samples", "seed", "limit")},
+        "sampling": {k: getattr(ecfg, k) for k in ("backend", "mc_mode", *SAMPLING_KEYS)},
         "template": template, "benchmark_sha256": {m: h for _items, hashes in loaded.values() for m, h in hashes.items()},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    _write_json(out_dir / "metrics.json", metrics)
     summary = ", ".join(f"{k} {v['accuracy']:.1f}" for k, v in scores.items() if v["accuracy"] is not None)
-    print(f"[eval] {model_path}: {summary}")
+    print(f"[eval] {model_path} -> {out_dir}: {summary}")
     return metrics
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--worker"]:
+        sys.exit("eval.runner: the data-parallel worker of python -m eval.run; run that instead")
+    sys.exit(worker_main())

@@ -51,11 +51,13 @@ def test_asft_anchor_keeps_kl_below_dft(trained):
 
 def test_eval_metrics_written(trained):
     _root, dirs = trained
-    metrics = json.loads((dirs["asft"] / "eval" / "metrics.json").read_text())
+    (metrics_file,) = (dirs["asft"] / "eval").glob("*/metrics.json")  # eval/<settings_hash>/metrics.json
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics_file.parent.name == metrics["settings_hash"]
     assert set(metrics["benchmarks"]) == {"math500", "minerva", "olympiadbench", "aime24", "amc23"}
     assert all(b["num_items"] == 6 for b in metrics["benchmarks"].values())
     assert metrics["averages"]["Math Avg"] is not None and metrics["averages"]["Medical Avg"] is None
-    lines = (dirs["asft"] / "eval" / "math500.jsonl").read_text().splitlines()
+    lines = (metrics_file.parent / "math500.jsonl").read_text().splitlines()
     assert len(lines) == 6 and {"outputs", "parsed", "correct"} <= set(json.loads(lines[0]))
 
 
@@ -70,6 +72,8 @@ def test_rerun_refuses_and_resume_reuses(trained, demo_data):
 
 
 def test_killed_run_resumes_from_checkpoint(tmp_path, demo_data, tiny_model_path):
+    import shutil
+
     cfg = train_cfg(tmp_path, demo_data, "method=asft", "train.save_strategy=steps", "train.save_steps=4",
                     "train.max_steps=6", "eval.after_train=false")
     out = run(cfg)
@@ -77,12 +81,18 @@ def test_killed_run_resumes_from_checkpoint(tmp_path, demo_data, tiny_model_path
     record = json.loads((out / "run.json").read_text())
     record["train_status"] = "running"
     (out / "run.json").write_text(json.dumps(record))
+    shutil.rmtree(out / "final")
+    for later in out.glob("checkpoint-6"):
+        shutil.rmtree(later)
     with pytest.raises(RunDirError, match="unfinished run"):
         run(cfg)
-    resumed = compose_config("config", [*cfg_overrides(tmp_path, demo_data), "train.max_steps=8", "train.resume=true"])
-    run(resumed)
+    resumed = compose_config("config", [*cfg_overrides(tmp_path, demo_data), "train.max_steps=6", "train.resume=true"])
+    assert run(resumed) == out  # same config, same directory
     steps = [r["step"] for r in metrics_rows(out)]
-    assert steps == list(range(1, 9))  # steps 5-6 re-run once, not duplicated
+    assert steps == list(range(1, 7))  # steps 5-6 re-run once, not duplicated
+    with pytest.raises(RunDirError, match="train.max_steps: 6 -> 8"):  # another schedule is another run
+        run(compose_config("config", [*cfg_overrides(tmp_path, demo_data), "train.max_steps=8", "train.resume=true",
+                                      f"output_dir={out}"]))
 
 
 def cfg_overrides(tmp_path, demo_data):
@@ -93,7 +103,8 @@ def cfg_overrides(tmp_path, demo_data):
 
 def test_base_method_and_medical_eval(tmp_path, demo_data, tiny_model_path):
     out = run(train_cfg(tmp_path, demo_data, "method=base", "data=demo_medical", "data.size=64"))
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    (metrics_file,) = (out / "eval").glob("*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
     assert set(metrics["benchmarks"]) == {"mmlu_medical", "medqa", "medmcqa"}
     assert metrics["benchmarks"]["mmlu_medical"]["num_items"] == 36  # six subjects pooled, 6 each
     assert metrics["benchmarks"]["medqa"]["unparsed"] == 0  # loglik mode always picks a letter
@@ -102,19 +113,20 @@ def test_base_method_and_medical_eval(tmp_path, demo_data, tiny_model_path):
 
 
 def test_tables_and_plots(trained, tmp_path):
-    from asft_repro.plots import plot_experiment
+    from asft_repro.plots import write_plots
     from asft_repro.tables import write_tables
 
     root, dirs = trained
-    tables = write_tables(root.parent, tmp_path / "tables", "demo")
-    math = tables["table1_math"]
-    assert list(math.index) == [("64", "sft"), ("64", "dft"), ("64", "asft")]
+    tables = write_tables(root.parent, tmp_path / "tables", "demo", use_wandb=False)
+    math = tables["table1_math_demo_tiny"].frame
+    assert list(math.index) == ["64 SFT", "64 DFT", "64 ASFT"]
     assert math["n_runs"].tolist() == [1, 1, 1]
-    assert math["paper Math Avg"].isna().all()  # no paper cell for the demo size: missing, not zero
-    assert str(dirs["asft"]) in math.loc[("64", "asft"), "run_dirs"]
-    assert (tmp_path / "tables" / "table1_math.csv").exists() and (tmp_path / "tables" / "table1_math.tex").exists()
-    png = plot_experiment(root, tmp_path / "plots")
-    assert png is not None and png.stat().st_size > 10_000
+    assert math["paper Math Avg"].isna().all()  # the tiny model has no paper cell: missing, not zero
+    assert str(dirs["asft"]) in math.loc["64 ASFT", "run_dirs"]
+    for ext in ("md", "csv", "tex"):
+        assert (tmp_path / "tables" / f"table1_math_demo_tiny.{ext}").exists()
+    pngs = write_plots(root.parent, tmp_path / "plots", "demo")
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, demo_data, tiny_model_path):

@@ -1,0 +1,97 @@
+"""A run is its resolved training config: the readable run name and the config hash.
+
+The run directory is ``<base>[-<swept key_value>...]-<hash8>``: the base names the Table 1
+cell (model, data, size, method, lambda, KL direction, seed), each further value swept on the
+command line is spelt out, and the hash covers every training-relevant value, so two runs
+share a directory only when they would train the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+KL_METHODS = ("asft", "sft_kl")
+# Keys that do not change what is trained (paths, bookkeeping, how the work is laid out).
+NON_TRAINING_KEYS = frozenset({
+    "data.data_dir", "train.resume", "train.report_to", "train.logging_steps", "train.save_strategy",
+    "train.save_steps", "train.save_total_limit", "train.dataloader_num_workers", "train.log_kl",
+    "train.loss_chunk_rows", "train.per_device_batch_size", "train.gradient_checkpointing", "train.strategy",
+    "train.deepspeed", "train.save_final_model", "model.attn_implementation", "model.arch",
+})
+TRAINING_SECTIONS = ("model", "data", "method", "train")
+# Overrides already spelt out by the base name, or not about training at all.
+NAMED_BY_BASE = frozenset({"model", "model.name", "data", "data.name", "data.size", "method", "method.name",
+                           "method.kl_coef", "method.kl_direction", "train.seed", "experiment", "experiment_name"})
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def training_identity(cfg: Any) -> dict[str, Any]:
+    """Flat ``{key: value}`` of everything that decides the trained model (or, for Base, the model)."""
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    method = container["method"]["name"]
+    sections = ("model",) if method == "base" else TRAINING_SECTIONS
+    flat = {k: v for s in sections for k, v in _flatten(container[s], f"{s}.").items()}
+    if method == "base":
+        flat.update({"method.name": "base", "data.domain": container["data"]["domain"]})
+    elif method not in KL_METHODS:
+        flat.pop("method.kl_coef", None), flat.pop("method.kl_direction", None)
+    return {k: v for k, v in sorted(flat.items()) if k not in NON_TRAINING_KEYS and not k.startswith("model.arch.")}
+
+
+def config_hash(identity: dict[str, Any]) -> str:
+    """12 hex characters of the sha256 of the identity (the run directory shows the first 8)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key that differs."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in keys if old.get(k) != new.get(k)]
+
+
+def base_name(container: dict[str, Any]) -> str:
+    """The Table 1 cell: tiny-numina_cot-256-asft-kl0.05-s42 (Base: tiny-math-base)."""
+    method = container["method"]
+    if method["name"] == "base":
+        return f"{container['model']['name']}-{container['data']['domain']}-base"
+    tag = method["name"]
+    if tag in KL_METHODS:
+        tag += f"-kl{method['kl_coef']}" + ("-reverse" if method["kl_direction"] == "reverse" else "")
+    data = container["data"]
+    return f"{container['model']['name']}-{data['name']}-{data['size']}-{tag}-s{container['train']['seed']}"
+
+
+def swept_values(overrides: list[str], identity: dict[str, Any]) -> list[str]:
+    """``leaf_value`` for each command-line override of a training value the base name does not show."""
+    parts = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" not in override or key in NAMED_BY_BASE or key.startswith("hydra."):
+            continue
+        if key in identity:
+            parts.append(f"{key.rsplit('.', 1)[-1]}_{identity[key]}")
+        elif "." not in key and key in TRAINING_SECTIONS:  # a group choice such as train=paper_math
+            parts.append(override.replace("=", "_"))
+    return [p.replace("/", "_").replace("=", "_") for p in parts]  # no '=' : paths stay valid Hydra overrides
+
+
+def run_name(root: DictConfig) -> str:
+    """The run directory name for the composed config ``root`` (a Hydra resolver calls this)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    resolved = {s: OmegaConf.to_container(root[s], resolve=True) for s in ("model", "data", "method", "train")}
+    identity = training_identity(resolved)
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return "-".join([base_name(resolved), *swept_values(overrides, identity), config_hash(identity)[:8]])

@@ -1,0 +1,43 @@
+"""The memory / cost plan: every job of a sweep, named as the launch names it, memory by the documented formula."""
+
+from __future__ import annotations
+
+import pytest
+
+from asft_repro.plan import Hardware, main, plan
+
+PAPER_MATH = ["experiment=table1_math", "method=sft,dft,asft", "data.size=10k,30k,100k"]
+
+
+def test_paper_grid_is_listed_and_fits_80gb():
+    table = plan(PAPER_MATH, Hardware())
+    assert len(table) == 9 and table["run_dir"].is_unique
+    assert set(table["status"]) == {"new"} and set(table["strategy"]) == {"fsdp2"} and (table["fits"] == "yes").all()
+    assert table.set_index("run_dir")["steps"].filter(like="-10k-").tolist() == [40, 40, 40]  # ceil(10000 / 256)
+    assert table["run_dir"].str.startswith("outputs/table1_math/qwen2.5-7b-numina_cot-").all()
+
+
+def test_memory_follows_the_documented_formula():
+    row = plan(["experiment=math_asft_10k"], Hardware()).iloc[0]
+    p, w, b, t, h, layers, v = 7.62e9, 8, 4, 2048, 3584, 28, 152064
+    expected = {
+        "policy+optim_GB": 16 * p / w, "base_GB": 2 * p / w, "gathered_GB": 2 * 2 * 2 * p / layers,
+        "activations_GB": layers * b * t * h * 2 + 17 * b * t * h * 2, "logits_GB": b * t * v * (2 + 4 + 4 + 2),
+    }
+    for key, value in expected.items():
+        assert row[key] == pytest.approx(value / 1e9, abs=0.06), key
+    assert row["mem_GB"] == pytest.approx(sum(expected.values()) / 1e9 + 2 * 1024 ** 3 / 1e9, abs=0.2)
+
+
+def test_over_budget_job_is_flagged_with_a_nonzero_exit(capsys):
+    table = plan(["experiment=medical_asft_10k", "train.strategy=ddp"], Hardware())
+    assert table.iloc[0]["fits"].startswith("NO") and table.iloc[0]["mem_GB"] > 80
+    with pytest.raises(SystemExit, match="1 job\\(s\\) exceed 80 GB per GPU.*train.strategy=fsdp2"):
+        main(["experiment=medical_asft_10k", "train.strategy=ddp"])
+    assert "NO: over budget" in capsys.readouterr().out
+
+
+def test_slurm_launcher_sets_the_world_size():
+    row = plan(["experiment=math_asft_10k", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.nodes=2"], Hardware(gpus=1)).iloc[0]
+    assert row["ranks"] == 8
