@@ -28,12 +28,10 @@ NAMED_BY_BASE = frozenset({"model", "model.name", "data", "data.name", "data.siz
                            "method.kl_coef", "method.kl_direction", "train.seed", "experiment", "experiment_name"})
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
 
 
@@ -42,7 +40,7 @@ def training_identity(cfg: Any) -> dict[str, Any]:
     container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     method = container["method"]["name"]
     sections = ("model",) if method == "base" else TRAINING_SECTIONS
-    flat = {k: v for s in sections for k, v in _flatten(container[s], f"{s}.").items()}
+    flat = {k: v for s in sections for k, v in flatten(container[s], f"{s}.").items()}
     if method == "base":
         flat.update({"method.name": "base", "data.domain": container["data"]["domain"]})
     elif method not in KL_METHODS:
@@ -87,11 +85,15 @@ def swept_values(overrides: list[str], identity: dict[str, Any]) -> list[str]:
     return [p.replace("/", "_").replace("=", "_") for p in parts]  # no '=' : paths stay valid Hydra overrides
 
 
-def run_name(root: DictConfig) -> str:
-    """The run directory name for the composed config ``root`` (a Hydra resolver calls this)."""
+def task_overrides() -> list[str]:
+    """This Hydra job's command-line overrides ([] outside a Hydra app, e.g. the compose API in tests)."""
     from hydra.core.hydra_config import HydraConfig
 
-    resolved = {s: OmegaConf.to_container(root[s], resolve=True) for s in ("model", "data", "method", "train")}
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def run_name(root: DictConfig) -> str:
+    """The run directory name for the composed config ``root`` (a Hydra resolver calls this)."""
+    resolved = {s: OmegaConf.to_container(root[s], resolve=True) for s in TRAINING_SECTIONS}
     identity = training_identity(resolved)
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    return "-".join([base_name(resolved), *swept_values(overrides, identity), config_hash(identity)[:8]])
+    return "-".join([base_name(resolved), *swept_values(task_overrides(), identity), config_hash(identity)[:8]])

@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 
 from asft_repro.cli import OneLineParser
+from asft_repro.identity import flatten, training_identity
 from asft_repro.paper import AVG_COLUMN, PAPER_MODELS, is_paper_kl, paper_average
 
 BENCHMARKS: dict[str, list[tuple[str, str]]] = {
@@ -85,10 +86,8 @@ def run_variant(record: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     Recomputed from config.yaml by one function for every run (so runs compare alike); run.json's copy otherwise.
     """
     try:
-        from asft_repro.identity import training_identity
-
         identity = training_identity(cfg)
-    except (ImportError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         identity = record.get("identity") if isinstance(record.get("identity"), dict) else {}
     return {k: v for k, v in identity.items() if k != "train.seed"}
 
@@ -109,15 +108,9 @@ def eval_key(settings: dict[str, Any], settings_hash: str) -> dict[str, str]:
     return {"eval_key": hashlib.sha256(text.encode()).hexdigest()[:12], "eval_settings": text}
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: node}
-
-
 def settings_differences(settings: dict[str, str]) -> dict[str, str]:
     """eval_key -> 'temperature=0.6 n_samples=4': the settings that tell the tables of one group apart."""
-    flat = {key: _flatten(json.loads(text)) for key, text in settings.items()}
+    flat = {key: flatten(json.loads(text)) for key, text in settings.items()}
     keys = sorted(k for k in set().union(*flat.values()) if len({json.dumps(f.get(k), default=str) for f in flat.values()}) > 1)
     return {key: " ".join(f"{k}={f.get(k, DASH)}" for k in keys if not k.startswith("benchmarks.")) or "benchmark files differ"
             for key, f in flat.items()}

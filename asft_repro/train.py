@@ -29,7 +29,7 @@ from asft_repro import distributed
 from asft_repro.cli import run_cli
 from asft_repro.config import BASE_METHOD, Config, ConfigError, register_configs
 from asft_repro.data import PadCollator, data_manifest, load_train_dataset
-from asft_repro.identity import config_hash, training_identity
+from asft_repro.identity import config_hash, task_overrides, training_identity
 from asft_repro.modeling import check_model_config, load_model, load_tokenizer, resolve_path
 from asft_repro.rundir import (FINAL_DIR, METRICS_FILE, RunDirError, RunLock, check_run_dir, checkpoint_step,
                                has_weights, last_complete_checkpoint, publish_final, read_record, trim_metrics,
@@ -138,7 +138,7 @@ def open_run(cfg_node: DictConfig, cfg: Config, out: Path, lock: RunLock, world_
     record = read_record(out)
     if not record:
         write_record(out, run_name=cfg.run_name, experiment=cfg.experiment_name, method=cfg.method.name,
-                     overrides=_task_overrides(), data_manifest=manifest, identity=identity,
+                     overrides=task_overrides(), data_manifest=manifest, identity=identity,
                      config_hash=config_hash(identity))
     if cfg.method.name == BASE_METHOD:
         write_record(out, train_status="complete", model_path=resolve_path(cfg.model))
@@ -157,12 +157,6 @@ def open_run(cfg_node: DictConfig, cfg: Config, out: Path, lock: RunLock, world_
                  precision=cfg.train.resolved_precision(cfg.model.dtype))
     finished = checkpoint is not None and 0 < max_steps <= step  # killed while writing final/
     return {"action": "save_only" if finished else "train", "checkpoint": str(checkpoint) if checkpoint else None}
-
-
-def _task_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def close_run(out: Path, final: Path, collapse: str | None) -> None:

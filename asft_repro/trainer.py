@@ -127,23 +127,33 @@ class ConsoleLogCallback(TrainerCallback):
 
 
 class CollapseMonitor(TrainerCallback):
-    """Flags a run whose model collapsed: token probability at the uniform floor, or zero gradient, for long."""
+    """Flags a run whose model collapsed for ``patience`` logging steps in a row: token probability at the
+    uniform floor, cross-entropy worse than a uniform guess (log V + 1 nat), or a zero gradient."""
 
     def __init__(self, vocab_size: int, patience: int = COLLAPSE_PATIENCE) -> None:
         self.floor = 2.0 / vocab_size
+        self.worse_than_uniform = math.log(vocab_size) + 1.0
         self.patience = patience
         self.streak = 0
         self.reason: str | None = None
 
+    def _symptom(self, logs: dict[str, float]) -> str | None:
+        if logs.get("token_prob_mean", 1.0) <= self.floor:
+            return "mean token probability at the uniform floor"
+        if logs.get("ce", 0.0) > self.worse_than_uniform:
+            return f"cross-entropy above a uniform guess (> {self.worse_than_uniform:.2f})"
+        if logs.get("grad_norm") == 0.0:
+            return "zero gradient norm"
+        return None
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "token_prob_mean" not in logs:
+        if not logs or "ce" not in logs:
             return
-        uniform = logs["token_prob_mean"] <= self.floor
-        frozen = isinstance(logs.get("grad_norm"), (int, float)) and logs["grad_norm"] == 0.0
-        self.streak = self.streak + 1 if uniform or frozen else 0
+        symptom = self._symptom(logs)
+        self.streak = self.streak + 1 if symptom else 0
         if self.streak >= self.patience and self.reason is None:
-            what = "mean token probability at the uniform floor" if uniform else "zero gradient norm"
-            self.reason = f"{what} for {self.streak} logging steps up to step {state.global_step}; lower train.learning_rate"
+            self.reason = (f"{symptom} for {self.streak} logging steps up to step {state.global_step}; "
+                           f"lower train.learning_rate")
 
 
 def training_callbacks(metrics_path: Path, vocab_size: int) -> list[TrainerCallback]:

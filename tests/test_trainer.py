@@ -56,9 +56,23 @@ def test_collapse_monitor_flags_uniform_or_frozen_models():
     state = SimpleNamespace(global_step=0)
     for step in range(1, 6):
         state.global_step = step
-        monitor.on_log(None, state, None, logs={"token_prob_mean": 0.5 if step < 3 else 0.01, "grad_norm": 0.3})
+        monitor.on_log(None, state, None, logs={"ce": 1.0, "token_prob_mean": 0.5 if step < 3 else 0.01, "grad_norm": 0.3})
     assert monitor.reason and "uniform floor for 3 logging steps up to step 5" in monitor.reason
     healthy = CollapseMonitor(vocab_size=100, patience=3)
     for step in range(10):
-        healthy.on_log(None, state, None, logs={"token_prob_mean": 0.4, "grad_norm": 0.0 if step % 2 else 0.1})
+        healthy.on_log(None, state, None, logs={"ce": 1.0, "token_prob_mean": 0.4, "grad_norm": 0.0 if step % 2 else 0.1})
     assert healthy.reason is None
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_flagged_not_silently_complete(tmp_path, demo_data, tiny_model_path):
+    import json
+
+    from asft_repro.train import run
+
+    out = run(compose_config("config", ["experiment=demo", f"data.data_dir={demo_data}", "data.size=64", "method=sft",
+                                        f"output_dir={tmp_path}/run", "train.learning_rate=30", "train.max_steps=12",
+                                        "train.report_to=[]", "train.save_strategy=no", "eval.after_train=false"]))
+    record = json.loads((out / "run.json").read_text())
+    assert record["train_status"] == "complete" and record["collapsed"] is True
+    assert "cross-entropy above a uniform guess" in record["collapse_reason"]
