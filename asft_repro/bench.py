@@ -1,100 +1,186 @@
-"""ASFT vs SFT cost in one run: step-time ratio and peak-memory ratio.
+"""ASFT's cost over SFT, and over the paper-code-style loss: step time and peak memory, each variant alone.
 
-python -m asft_repro.bench [--vocab 32000 --hidden 128 --layers 2 --seq 256 --batch 4 --steps 8]
+python -m asft_repro.bench [--vocab 151936 --hidden 128 --layers 2 --seq 256 --batch 4 --steps 4 --repeats 3]
 
-Each method runs in a fresh child process on the same random Qwen2 model and batch (half of
-every sequence is prompt). Peak memory is CUDA's max allocated on a GPU, else the growth of
-peak RSS over the process's state after set-up. ASFT's extra cost is one no-grad forward of
-the frozen base model and the chunked full-vocabulary KL.
+Variants (each in a fresh child process, on the same random Qwen2 policy, a frozen copy as the base, and
+one batch whose first half of every sequence is prompt; one AdamW step per iteration):
+
+* ``sft``, ``dft``, ``asft``: the trainer's default path, the response-only fused head (asft_repro/fused_head.py);
+* ``asft_logits``: ASFT through full [B, T, V] logits and the chunked ``compute_loss`` (the logits-level API);
+* ``asft_naive``: the reference repository's formulas: full-vocabulary softmax at every position, full
+  logits of policy and base kept, then masked.
+
+Each repeat runs every variant once, in turn; ratios are taken within a repeat and reported as median
+(min). Peak memory: CUDA's max allocated on a GPU; on CPU the growth of peak RSS over the state after
+set-up (models, optimizer, batch), with glibc told to return large blocks to the system
+(MALLOC_MMAP_THRESHOLD_), so library baseline RSS does not hide the difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 
 from asft_repro.cli import OneLineParser
 
+VARIANTS = ("sft", "dft", "asft", "asft_logits", "asft_naive")
 
-def _rss_mb() -> float:
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def _rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_method(method: str, args: argparse.Namespace) -> dict[str, float]:
+def naive_asft_loss(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor, kl_coef: float = 0.05) -> torch.Tensor:
+    """The reference code's ASFT: softmax / KL over the full vocabulary at every position, then the response mask."""
+    shift_logits, shift_base, shift_labels = logits[:, :-1], base_logits[:, :-1], labels[:, 1:]
+    mask = shift_labels != -100
+    safe = shift_labels.clamp(min=0)
+    ce = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), safe.reshape(-1),
+                                           reduction="none").view_as(safe)
+    probs = torch.softmax(shift_logits, dim=-1)
+    p_y = probs.gather(-1, safe[..., None]).squeeze(-1).detach()
+    base_probs = torch.softmax(shift_base, dim=-1)
+    kl = (base_probs * (torch.log_softmax(shift_base, -1) - torch.log_softmax(shift_logits, -1))).sum(-1)
+    per_token = ce * p_y + kl_coef * kl
+    return (per_token * mask).sum() / mask.sum()
+
+
+def make_step(variant: str, policy, base, ids: torch.Tensor, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One variant's loss computation (forward of policy and base)."""
+    from asft_repro.fused_head import FusedLoss, enable_fused_head, response_hidden
+    from asft_repro.losses import compute_loss
+
+    if variant in ("sft", "dft", "asft"):
+        enable_fused_head(policy)
+
+        def fused() -> torch.Tensor:
+            base_hidden = None
+            if variant == "asft":
+                with torch.no_grad():
+                    base_hidden = response_hidden(base, ids, None, labels)
+            base_head = base.lm_head if base is not None else None
+            rows, _stats = policy(input_ids=ids, from_hidden=FusedLoss(labels, variant, base_hidden, base_head))
+            return rows.sum() / max(rows.numel(), 1)
+        return fused
+
+    def with_logits() -> torch.Tensor:
+        logits = policy(input_ids=ids).logits
+        with torch.no_grad():
+            base_logits = base(input_ids=ids).logits
+        if variant == "asft_naive":
+            return naive_asft_loss(logits, base_logits, labels)
+        return compute_loss(logits, labels, "asft", base_logits=base_logits)[0]
+    return with_logits
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from asft_repro.losses import IGNORE_INDEX, compute_loss
+    from asft_repro.losses import IGNORE_INDEX
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq)
+                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=args.seq, tie_word_embeddings=False)
     policy = Qwen2ForCausalLM(config).to(device, dtype)
-    base = Qwen2ForCausalLM(config).to(device, dtype).eval().requires_grad_(False) if method != "sft" else None
-    if base is not None:
+    base = None
+    if variant not in ("sft", "dft"):
+        base = Qwen2ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
         base.load_state_dict(policy.state_dict())
     optim = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     labels = ids.clone()
     labels[:, : args.seq // 2] = IGNORE_INDEX
+    loss_fn = make_step(variant, policy, base, ids, labels)
 
     def step() -> None:
-        logits = policy(input_ids=ids).logits
-        base_logits = None
-        if base is not None:
-            with torch.no_grad():
-                base_logits = base(input_ids=ids).logits
-        loss, _ = compute_loss(logits, labels, method, base_logits=base_logits)
-        loss.backward()
+        loss_fn().backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
 
-    step()  # warm-up (allocates optimizer state)
+    rss_setup = _rss_now_mb()
+    step()  # warm-up: allocates the optimizer state (the same for every variant)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss_before = _rss_mb()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_mb()
-    return {"step_s": seconds, "peak_mb": peak, "rss_setup_mb": rss_before, "device": device}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_peak_mb() - rss_setup
+    return {"step_s": seconds, "peak_mb": peak, "device": device}
+
+
+def child(variant: str, args: argparse.Namespace) -> dict[str, float | str]:
+    cmd = [sys.executable, "-m", "asft_repro.bench", "--child", variant] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "repeats")]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the OS: RSS = live memory
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"asft_repro.bench: variant {variant} failed ({(done.stderr.strip().splitlines() or ['?'])[-1]}); "
+                 f"run `python -m asft_repro.bench --child {variant}` with the same options to see the traceback")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def ratio_line(label: str, ratios: list[float]) -> str:
+    return f"{label}: {statistics.median(ratios):.2f} (min {min(ratios):.2f}, {len(ratios)} repeats)"
 
 
 def main() -> None:
     parser = OneLineParser(prog="asft_repro.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--vocab", type=int, default=151936, help="Qwen2.5's vocabulary by default")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_method(args.child, args)))
+        print(json.dumps(run_variant(args.child, args)))
         return
-    results = {}
-    for method in ("sft", "dft", "asft"):
-        cmd = [sys.executable, "-m", "asft_repro.bench", "--child", method] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k != "child"]
-        results[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    print(f"shape: batch {args.batch} x seq {args.seq} x vocab {args.vocab}, {args.layers} layers, hidden {args.hidden}, "
-          f"device {results['sft']['device']}")
-    for method, r in results.items():
-        print(f"{method:5s} step {r['step_s'] * 1000:8.1f} ms   peak {r['peak_mb']:8.1f} MB")
-    print(f"ASFT/SFT step-time ratio: {results['asft']['step_s'] / results['sft']['step_s']:.2f}")
-    print(f"ASFT/SFT peak-memory ratio: {results['asft']['peak_mb'] / results['sft']['peak_mb']:.2f}")
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for repeat in range(args.repeats):
+        for variant in VARIANTS:
+            runs[variant].append(child(variant, args))
+        print(f"[bench] repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+    device = runs["sft"][0]["device"]
+    print(f"shape: batch {args.batch} x seq {args.seq} x vocab {args.vocab}, {args.layers} layers, hidden {args.hidden}; "
+          f"device {device}; {args.steps} steps x {args.repeats} repeats; peak = "
+          + ("CUDA max allocated" if device == "cuda" else "peak RSS growth over the post-setup state"))
+    print("| variant | step ms (median) | step ms (min) | peak MB (median) | peak MB (min) |\n|---|---:|---:|---:|---:|")
+    for variant, results in runs.items():
+        steps = [r["step_s"] * 1000 for r in results]
+        peaks = [r["peak_mb"] for r in results]
+        print(f"| {variant} | {statistics.median(steps):.1f} | {min(steps):.1f} | {statistics.median(peaks):.1f} | {min(peaks):.1f} |")
+
+    def ratios(a: str, b: str, key: str) -> list[float]:
+        return [x[key] / y[key] for x, y in zip(runs[a], runs[b])]
+
+    print(ratio_line("ASFT/SFT step-time ratio", ratios("asft", "sft", "step_s")))
+    print(ratio_line("ASFT/SFT peak-memory ratio", ratios("asft", "sft", "peak_mb")))
+    print(ratio_line("ASFT/naive peak-memory ratio", ratios("asft", "asft_naive", "peak_mb")))
+    print(ratio_line("ASFT/logits-path peak-memory ratio", ratios("asft", "asft_logits", "peak_mb")))
+    print(ratio_line("ASFT/logits-path step-time ratio", ratios("asft", "asft_logits", "step_s")))
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ class TrainConfig:
     save_total_limit: Optional[int] = 2
     resume: bool = False  # continue from the run directory's last complete checkpoint
     log_kl: bool = True  # load the base model to log KL even when the method does not optimise it
-    loss_chunk_rows: int = 1024
+    loss_chunk_rows: Optional[int] = None  # response rows per float32 loss chunk; null = as many as fit in 256 MB
+    fused_head: bool = True  # loss from hidden states at response rows, no [B, T, V] logits (Qwen2 / Llama heads)
     report_to: list[str] = field(default_factory=lambda: ["wandb"])
     deepspeed: Optional[str] = None  # DeepSpeed JSON for strategy=zero3; null = conf/deepspeed/zero3.json
     dataloader_num_workers: int = 0
@@ -134,7 +135,7 @@ class TrainConfig:
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError(f"train.max_grad_norm={self.max_grad_norm}, train.weight_decay={self.weight_decay}: "
                               f"must not be negative; set 0 (no clipping / decay) or more")
-        if self.loss_chunk_rows < 1:
+        if self.loss_chunk_rows is not None and self.loss_chunk_rows < 1:
             raise ConfigError(f"train.loss_chunk_rows={self.loss_chunk_rows} is invalid; set it to 1 or more")
         _check_choice("train.strategy", self.strategy, STRATEGIES)
         _check_choice("train.precision", self.precision, PRECISIONS)

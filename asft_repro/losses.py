@@ -52,6 +52,40 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def chunk_stats(logp: torch.Tensor, targets: torch.Tensor, logq: torch.Tensor | None, dft_weight: bool) -> torch.Tensor:
+    """[c, 4] stats of one chunk: (log p(y), KL(q||p), KL(p||q), DFT weight a) from log-probs [c, V]."""
+    stats = torch.zeros(logp.shape[0], 4, dtype=logp.dtype, device=logp.device)
+    logp_y = logp.gather(1, targets[:, None]).squeeze(1)
+    stats[:, 0] = logp_y
+    stats[:, 3] = logp_y.exp() if dft_weight else 1.0
+    if logq is not None:
+        diff = logq - logp
+        stats[:, 1] = (logq.exp() * diff).sum(-1)
+        stats[:, 2] = -(logp.exp() * diff).sum(-1)
+    return stats
+
+
+def chunk_grad(logp: torch.Tensor, targets: torch.Tensor, logq: torch.Tensor | None, stats: torch.Tensor,
+               kl_coef: float, reverse: bool, grad_rows: torch.Tensor) -> torch.Tensor:
+    """d(row loss)/d(logits) of one chunk [c, V], scaled by the incoming row gradients."""
+    p = logp.exp()
+    # d(-a * log p_y)/dz = a * (p - onehot(y))
+    g = stats[:, 3, None] * p
+    g.scatter_add_(1, targets[:, None], -stats[:, 3, None])
+    if kl_coef:
+        if reverse:  # d KL(p||q)/dz = p * (log p - log q - KL)
+            g += kl_coef * p * (logp - logq - stats[:, 2, None])
+        else:  # d KL(q||p)/dz = p - q
+            g += kl_coef * (p - logq.exp())
+    return g.mul_(grad_rows[:, None].to(g.dtype))
+
+
+def row_losses(stats: torch.Tensor, kl_coef: float, reverse: bool) -> torch.Tensor:
+    """``-a_i * log p(y_i) + c * kl_i`` from the stats of every row."""
+    kl = stats[:, 2] if reverse else stats[:, 1]
+    return -stats[:, 3] * stats[:, 0] + (kl_coef * kl if kl_coef else 0.0)
+
+
 class _TokenLoss(torch.autograd.Function):
     """Per-row loss ``a_i * ce_i + c * kl_i`` over selected rows of flat logits.
 
@@ -60,51 +94,37 @@ class _TokenLoss(torch.autograd.Function):
     """
 
     @staticmethod
+    def _log_probs(flat: torch.Tensor | None, rows: torch.Tensor, cdtype: torch.dtype) -> torch.Tensor | None:
+        return None if flat is None else torch.log_softmax(flat.index_select(0, rows).to(cdtype), dim=-1)
+
+    @staticmethod
     def forward(ctx, flat_logits, rows, targets, flat_base, dft_weight: bool, kl_coef: float,
                 reverse: bool, chunk_rows: int):
-        n = rows.numel()
         cdtype = _compute_dtype(flat_logits.dtype)
-        stats = torch.zeros(n, 4, dtype=cdtype, device=flat_logits.device)
-        for start in range(0, n, chunk_rows):
-            sl = slice(start, start + chunk_rows)
-            logp = torch.log_softmax(flat_logits.index_select(0, rows[sl]).to(cdtype), dim=-1)
-            logp_y = logp.gather(1, targets[sl, None]).squeeze(1)
-            stats[sl, 0] = logp_y
-            stats[sl, 3] = logp_y.exp() if dft_weight else 1.0
-            if flat_base is not None:
-                logq = torch.log_softmax(flat_base.index_select(0, rows[sl]).to(cdtype), dim=-1)
-                diff = logq - logp
-                stats[sl, 1] = (logq.exp() * diff).sum(-1)
-                stats[sl, 2] = -(logp.exp() * diff).sum(-1)
-            del logp
-        kl = stats[:, 2] if reverse else stats[:, 1]
-        loss_rows = -stats[:, 3] * stats[:, 0] + (kl_coef * kl if kl_coef else 0.0)
+        stats = torch.cat([
+            chunk_stats(_TokenLoss._log_probs(flat_logits, rows[sl], cdtype), targets[sl],
+                        _TokenLoss._log_probs(flat_base, rows[sl], cdtype), dft_weight)
+            for sl in chunks(rows.numel(), chunk_rows)
+        ]) if rows.numel() else torch.zeros(0, 4, dtype=cdtype, device=flat_logits.device)
         ctx.save_for_backward(flat_logits, rows, targets, flat_base, stats)
         ctx.kl_coef, ctx.reverse, ctx.chunk_rows = kl_coef, reverse, chunk_rows
         ctx.mark_non_differentiable(stats)
-        return loss_rows, stats
+        return row_losses(stats, kl_coef, reverse), stats
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_stats):
         flat_logits, rows, targets, flat_base, stats = ctx.saved_tensors
-        cdtype = stats.dtype
         grad_logits = torch.zeros_like(flat_logits)
-        for start in range(0, rows.numel(), ctx.chunk_rows):
-            sl = slice(start, start + ctx.chunk_rows)
-            logp = torch.log_softmax(flat_logits.index_select(0, rows[sl]).to(cdtype), dim=-1)
-            p = logp.exp()
-            # d(-a * log p_y)/dz = a * (p - onehot(y))
-            g = stats[sl, 3, None] * p
-            g.scatter_add_(1, targets[sl, None], -stats[sl, 3, None])
-            if ctx.kl_coef:
-                logq = torch.log_softmax(flat_base.index_select(0, rows[sl]).to(cdtype), dim=-1)
-                if ctx.reverse:  # d KL(p||q)/dz = p * (log p - log q - KL)
-                    g += ctx.kl_coef * p * (logp - logq - stats[sl, 2, None])
-                else:  # d KL(q||p)/dz = p - q
-                    g += ctx.kl_coef * (p - logq.exp())
-            g *= grad_rows[sl, None].to(cdtype)
+        for sl in chunks(rows.numel(), ctx.chunk_rows):
+            logp = _TokenLoss._log_probs(flat_logits, rows[sl], stats.dtype)
+            logq = _TokenLoss._log_probs(flat_base, rows[sl], stats.dtype) if ctx.kl_coef else None
+            g = chunk_grad(logp, targets[sl], logq, stats[sl], ctx.kl_coef, ctx.reverse, grad_rows[sl])
             grad_logits.index_copy_(0, rows[sl], g.to(flat_logits.dtype))
         return grad_logits, None, None, None, None, None, None, None
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 def response_rows(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:

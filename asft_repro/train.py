@@ -185,6 +185,7 @@ def train(cfg: Config, out: Path, plan: dict[str, Any]) -> Path:
     trainer = ASFTTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, method=cfg.method, base_model=base, loss_chunk_rows=cfg.train.loss_chunk_rows,
+        fused_head=cfg.train.fused_head,
         callbacks=training_callbacks(out / METRICS_FILE, len(tokenizer)),
     )
     if plan["action"] == "save_only":  # killed after the last checkpoint, before final/: no extra step

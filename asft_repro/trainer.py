@@ -14,7 +14,9 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCall
 
 from asft_repro.config import MethodConfig
 from asft_repro.jsonl import append_jsonl
-from asft_repro.losses import loss_and_token_sums, summarize
+from asft_repro.fused_head import (FusedLoss, auto_chunk_rows, decoder_and_head, enable_fused_head,
+                                   response_hidden, supports_fused_head)
+from asft_repro.losses import loss_and_token_sums, summarize, token_stats
 from asft_repro.reference import prepare_reference_model
 
 
@@ -38,28 +40,51 @@ class ASFTTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, method: MethodConfig, base_model: torch.nn.Module | None = None,
-                 loss_chunk_rows: int = 1024, **kwargs: Any) -> None:
+                 loss_chunk_rows: int | None = None, fused_head: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # compute_loss, not the model, takes num_items_in_batch
         for callback in (PrinterCallback, ProgressCallback):  # the console gets ConsoleLogCallback's lines
             self.remove_callback(callback)
         self.method = method
-        self.loss_chunk_rows = loss_chunk_rows
+        self.loss_chunk_rows = loss_chunk_rows or auto_chunk_rows(self.model.get_output_embeddings().weight.shape[0])
+        # before accelerate wraps forward (autocast, DDP / FSDP2), so the fused call goes through the wrappers
+        self.fused_head = fused_head and supports_fused_head(self.model) and not self.is_deepspeed_enabled
+        if self.fused_head:
+            enable_fused_head(self.model)
         self.base_model = prepare_reference_model(base_model, self.accelerator) if base_model is not None else None
         self._metric_sums: dict[str, float] = defaultdict(float)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
-        outputs = model(**model_inputs, use_cache=False)
+    def _fused_loss(self, model, model_inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Row losses from hidden states (no [B, T, V] logits), the base's hidden rows computed without grad."""
+        base_hidden = base_head = None
+        if self.base_model is not None:
+            with torch.no_grad():
+                base_hidden = response_hidden(self.base_model, labels=labels, **model_inputs)
+            base_head = decoder_and_head(self.base_model)[1]
+        request = FusedLoss(labels, self.method.name, base_hidden, base_head, self.method.kl_coef,
+                            self.method.kl_direction, self.loss_chunk_rows)
+        loss_rows, stats = model(**model_inputs, from_hidden=request)
+        return loss_rows.sum(), token_stats(stats, has_base=base_hidden is not None)
+
+    def _logits_loss(self, model, model_inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The logits-level path (:func:`asft_repro.losses.compute_loss`, summed), for models the fused head does not cover."""
+        logits = model(**model_inputs, use_cache=False).logits
         base_logits = None
         if self.base_model is not None:
             with torch.no_grad():
                 base_logits = self.base_model(**model_inputs, use_cache=False).logits
-        loss, sums = loss_and_token_sums(
-            outputs.logits, labels, self.method.name, base_logits=base_logits, kl_coef=self.method.kl_coef,
-            kl_direction=self.method.kl_direction, num_items=num_items_in_batch, chunk_rows=self.loss_chunk_rows,
-        )
+        return loss_and_token_sums(logits, labels, self.method.name, base_logits=base_logits, kl_coef=self.method.kl_coef,
+                                   kl_direction=self.method.kl_direction, num_items=1, chunk_rows=self.loss_chunk_rows)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        if self.fused_head:
+            loss_sum, sums = self._fused_loss(model, model_inputs, labels)
+        else:
+            loss_sum, sums = self._logits_loss(model, model_inputs, labels)
+        loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else max(sums["num_tokens"], 1.0))
+        outputs = None
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         if not all(math.isfinite(v) for v in sums.values()):
