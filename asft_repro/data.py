@@ -6,6 +6,7 @@ touches it, so a bad file fails with one ``DataError`` line naming the file, the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -14,15 +15,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
+import numpy as np
 import torch
 
 from asft_repro.config import ConfigError, DataConfig
 from asft_repro.losses import IGNORE_INDEX
+from asft_repro.prompts import ALPACA_PROMPT, render_prompt  # noqa: F401 - re-exported: the one prompt module
 
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
 FIELDS = ("instruction", "response")
 FORMATS_HINT = ("expected 'instruction' and 'response' (or chat 'messages' with a user and an assistant turn); "
                 "rename the fields, or prepare the file with `python -m data_prep`")
@@ -54,14 +53,6 @@ def split_record(record: dict) -> tuple[str, str]:
     return record["instruction"], record["response"]
 
 
-def render_prompt(prompt: str, tokenizer: Any, template: str, system: str | None = None) -> str:
-    """The text before the response: Alpaca (the paper's) or the tokenizer's chat template."""
-    if template == "alpaca":
-        return ALPACA_PROMPT.format(instruction=prompt)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def encode(record: dict, tokenizer: Any, template: str, max_length: int) -> dict[str, list[int]]:
     """Token ids and labels; labels are IGNORE_INDEX on the prompt.
 
@@ -82,6 +73,18 @@ def encode(record: dict, tokenizer: Any, template: str, max_length: int) -> dict
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     return {"input_ids": input_ids, "labels": labels}
+
+
+def record_key(input_ids: list[int], labels: list[int]) -> int:
+    """A signed int64 naming one encoded record: sha256 of its token ids and of its response mask.
+
+    The base-model anchor cache (``python -m asft_repro.anchor``) is keyed by it, so a cache built on a subset
+    serves every subset nested in it, whatever the record order.
+    """
+    ids = np.asarray(input_ids, dtype=np.int64).tobytes()
+    mask = np.asarray([label != IGNORE_INDEX for label in labels], dtype=np.uint8).tobytes()
+    digest = hashlib.sha256(len(input_ids).to_bytes(8, "little") + ids + mask).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
 
 
 def train_file(cfg: DataConfig) -> Path:
@@ -276,12 +279,13 @@ def load_train_dataset(cfg: DataConfig, tokenizer: Any) -> datasets.Dataset:
                              desc="dropping records with no response token left")
     if len(encoded) == 0:
         raise _max_length_error(raw, tokenizer, cfg, summary.path)
-    return encoded
+    return encoded.map(lambda r: {"record_key": record_key(r["input_ids"], r["labels"])}, desc="record keys")
 
 
 @dataclass
 class PadCollator:
-    """Right-pads input_ids (pad id), labels (IGNORE_INDEX) and builds attention_mask."""
+    """Right-pads input_ids (pad id), labels (IGNORE_INDEX) and builds attention_mask; passes ``record_key``
+    (int64 [B], what the cached base anchor is looked up by) when every record has one."""
 
     pad_token_id: int
 
@@ -293,4 +297,7 @@ class PadCollator:
             batch["input_ids"].append(f["input_ids"] + [self.pad_token_id] * pad)
             batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
             batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
-        return {k: torch.tensor(v) for k, v in batch.items()}
+        out = {k: torch.tensor(v) for k, v in batch.items()}
+        if features and all("record_key" in f for f in features):
+            out["record_key"] = torch.tensor([int(f["record_key"]) for f in features], dtype=torch.int64)
+        return out

@@ -47,8 +47,8 @@ def corpus_texts() -> list[str]:
     return texts
 
 
-def _fingerprint(texts: list[str]) -> str:
-    payload = json.dumps([TINY_VERSION, TINY_ARCH, VOCAB_SIZE, PRETRAIN, texts], sort_keys=True)
+def _fingerprint(texts: list[str], arch: dict | None = None) -> str:
+    payload = json.dumps([TINY_VERSION, arch or TINY_ARCH, VOCAB_SIZE, PRETRAIN, texts], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -87,19 +87,23 @@ def _pretrain(model, tokenizer, texts: list[str]) -> None:
     model.eval()
 
 
-def ensure_tiny_model(root: Path | None = None) -> Path:
-    """Path of the cached tiny model folder, building it (about 20 s on 2 cores) if absent."""
+def ensure_tiny_model(root: Path | None = None, arch: dict | None = None) -> Path:
+    """Path of the cached tiny model folder, building it (about 20 s on 2 cores) if absent.
+
+    ``arch`` replaces TINY_ARCH's keys, e.g. ``{"num_attention_heads": 2, "num_key_value_heads": 1}`` for
+    head_dim 32 (vLLM's CPU attention rejects TINY_ARCH's head_dim 16); another arch is another folder."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     texts = corpus_texts()
-    target = (root or cache_root()) / f"tiny-qwen2-{_fingerprint(texts)}"
+    arch = {**TINY_ARCH, **(arch or {})}
+    target = (root or cache_root()) / f"tiny-qwen2-{_fingerprint(texts, arch)}"
     if (target / "config.json").exists():
         return target
     print(f"[asft_repro] building the tiny model in {target} (once)")
     torch.manual_seed(PRETRAIN["seed"])
     tokenizer = build_tokenizer(texts)
     config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **TINY_ARCH)
+                         pad_token_id=tokenizer.pad_token_id, **arch)
     model = Qwen2ForCausalLM(config)
     _pretrain(model, tokenizer, texts)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")

@@ -115,7 +115,16 @@ def preflight(cfg: Config) -> None:
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     check_model_config(model_path, cfg.model.trust_remote_code)
     if cfg.method.name != BASE_METHOD:
-        load_train_dataset(cfg.data, tokenizer)  # bad / empty data, or max_length cutting every response
+        dataset = load_train_dataset(cfg.data, tokenizer)  # bad / empty data, or max_length cutting every response
+        if uses_anchor_cache(cfg):  # a missing, half-built, corrupt or mismatched cache fails here, before any write
+            from asft_repro.anchor import find_anchor_cache
+
+            find_anchor_cache(cfg, dataset["record_key"], verify=True)
+
+
+def uses_anchor_cache(cfg: Config) -> bool:
+    """method.anchor=cache and the run needs a base (ASFT / SFT+KL, or KL logging): read the cache, load no base."""
+    return cfg.method.anchor == "cache" and cfg.method.name != BASE_METHOD and (cfg.method.uses_kl or cfg.train.log_kl)
 
 
 def log_to_file(out: Path) -> logging.Handler:
@@ -176,16 +185,25 @@ def train(cfg: Config, out: Path, plan: dict[str, Any]) -> Path:
     policy_dtype, base_dtype = weight_dtypes(cfg)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     model = load_model(model_path, cfg.model, tokenizer, dtype=policy_dtype)
-    wants_base = cfg.method.uses_kl or cfg.train.log_kl
+    wants_base = (cfg.method.uses_kl or cfg.train.log_kl) and not uses_anchor_cache(cfg)
     base = load_model(model_path, cfg.model, tokenizer, dtype=base_dtype) if wants_base else None
     with args.main_process_first(desc="tokenising"):
         dataset = load_train_dataset(cfg.data, tokenizer)
+    anchor_cache = None
+    if uses_anchor_cache(cfg):  # checked by rank 0's preflight (sha256 included); every rank maps the shards
+        from asft_repro.anchor import find_anchor_cache
+
+        anchor_cache = find_anchor_cache(cfg, dataset["record_key"], verify=False)
+        if anchor_cache.vocab_size != model.get_output_embeddings().weight.shape[0]:
+            raise ConfigError(f"the anchor cache {anchor_cache.folder} has a vocabulary of {anchor_cache.vocab_size}, the "
+                              f"model {model.get_output_embeddings().weight.shape[0]}; rebuild it with `python -m asft_repro.anchor ...`")
+        log.info("base anchor: %s (top-%d, no base model loaded)", anchor_cache.folder, anchor_cache.k)
     if "wandb" in args.report_to and state.is_main_process:
         write_record(out, wandb_id=init_wandb(cfg, out))
     trainer = ASFTTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, method=cfg.method, base_model=base, loss_chunk_rows=cfg.train.loss_chunk_rows,
-        fused_head=cfg.train.fused_head,
+        fused_head=cfg.train.fused_head, anchor_cache=anchor_cache,
         callbacks=training_callbacks(out / METRICS_FILE, len(tokenizer)),
     )
     if plan["action"] == "save_only":  # killed after the last checkpoint, before final/: no extra step

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
+from asft_repro.anchor_cache import AnchorRows, completed_base_logits
 from asft_repro.config import MethodConfig
 from asft_repro.jsonl import append_jsonl
 from asft_repro.fused_head import (FusedLoss, auto_chunk_rows, decoder_and_head, enable_fused_head,
@@ -40,7 +41,8 @@ class ASFTTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, method: MethodConfig, base_model: torch.nn.Module | None = None,
-                 loss_chunk_rows: int | None = None, fused_head: bool = True, **kwargs: Any) -> None:
+                 loss_chunk_rows: int | None = None, fused_head: bool = True, anchor_cache: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # compute_loss, not the model, takes num_items_in_batch
         for callback in (PrinterCallback, ProgressCallback):  # the console gets ConsoleLogCallback's lines
@@ -52,37 +54,56 @@ class ASFTTrainer(Trainer):
         if self.fused_head:
             enable_fused_head(self.model)
         self.base_model = prepare_reference_model(base_model, self.accelerator) if base_model is not None else None
+        # method.anchor=cache: the base's top-k rows come from an AnchorCache (asft_repro/anchor_cache.py), no base model
+        self.anchor_cache = anchor_cache if self.base_model is None else None
         self._metric_sums: dict[str, float] = defaultdict(float)
 
-    def _fused_loss(self, model, model_inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Row losses from hidden states (no [B, T, V] logits), the base's hidden rows computed without grad."""
+    def _cached_anchor(self, inputs: dict) -> AnchorRows | None:
+        """The batch's cached base rows (by the collator's ``record_key``), or None without a cache."""
+        if self.anchor_cache is None:
+            return None
+        keys = inputs.get("record_key")
+        if keys is None:
+            raise ValueError("method.anchor=cache needs the dataset's record_key column (asft_repro.data.load_train_dataset) "
+                             "passed through the collator (asft_repro.data.PadCollator)")
+        return self.anchor_cache.rows(keys.tolist())
+
+    def _fused_loss(self, model, model_inputs: dict, labels: torch.Tensor,
+                    anchor: AnchorRows | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Row losses from hidden states (no [B, T, V] logits), the base's hidden rows computed without grad
+        (or, with ``anchor``, its cached top-k rows)."""
         base_hidden = base_head = None
         if self.base_model is not None:
             with torch.no_grad():
                 base_hidden = response_hidden(self.base_model, labels=labels, **model_inputs)
             base_head = decoder_and_head(self.base_model)[1]
         request = FusedLoss(labels, self.method.name, base_hidden, base_head, self.method.kl_coef,
-                            self.method.kl_direction, self.loss_chunk_rows)
+                            self.method.kl_direction, self.loss_chunk_rows, anchor=anchor)
         loss_rows, stats = model(**model_inputs, from_hidden=request)
-        return loss_rows.sum(), token_stats(stats, has_base=base_hidden is not None)
+        return loss_rows.sum(), token_stats(stats, has_base=base_hidden is not None or anchor is not None)
 
-    def _logits_loss(self, model, model_inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _logits_loss(self, model, model_inputs: dict, labels: torch.Tensor,
+                     anchor: AnchorRows | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """The logits-level path (:func:`asft_repro.losses.compute_loss`, summed), for models the fused head does not cover."""
         logits = model(**model_inputs, use_cache=False).logits
         base_logits = None
         if self.base_model is not None:
             with torch.no_grad():
                 base_logits = self.base_model(**model_inputs, use_cache=False).logits
+        elif anchor is not None:
+            with torch.no_grad():
+                base_logits = completed_base_logits(logits, labels, anchor.to(logits.device), self.loss_chunk_rows)
         return loss_and_token_sums(logits, labels, self.method.name, base_logits=base_logits, kl_coef=self.method.kl_coef,
                                    kl_direction=self.method.kl_direction, num_items=1, chunk_rows=self.loss_chunk_rows)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        anchor = self._cached_anchor(inputs)
         if self.fused_head:
-            loss_sum, sums = self._fused_loss(model, model_inputs, labels)
+            loss_sum, sums = self._fused_loss(model, model_inputs, labels, anchor)
         else:
-            loss_sum, sums = self._logits_loss(model, model_inputs, labels)
+            loss_sum, sums = self._logits_loss(model, model_inputs, labels, anchor)
         loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else max(sums["num_tokens"], 1.0))
         outputs = None
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:

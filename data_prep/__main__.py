@@ -70,14 +70,57 @@ def check_request(cfg: DictConfig) -> tuple[list[str], list[str]]:
     return training, expand_benchmarks([str(b) for b in as_list(cfg.benchmarks)], cfg)
 
 
+def release_file(spec: Any, size: Any) -> str | None:
+    """The released file a size of a ``size_files`` source (the paper's subsets) is read from: the size's own file,
+    else the smallest file with at least that many rows (else the largest); None for other sources."""
+    files = {str(key): str(file) for key, file in (spec.get("size_files") or {}).items()}
+    if not files:
+        return None
+    if str(size) in files:
+        return files[str(size)]
+    by_size = sorted(files, key=parse_size)
+    return files[next((key for key in by_size if parse_size(key) >= parse_size(size)), by_size[-1])]
+
+
+def prepare_release(name: str, spec: Any, cfg: DictConfig, staging: Staging | None = None) -> None:
+    """A source with ``size_files``: a released size is its file, formatted whole and in its order; another size
+    is drawn (``sampling``) from the file ``release_file`` picks."""
+    formatter = FORMATTERS[spec.formatter]
+    formatted: dict[str, tuple[Any, list[dict], dict]] = {}
+    for size in dict.fromkeys(str(s) for s in as_list(cfg.sizes)):
+        file = release_file(spec, size)
+        if file not in formatted:
+            local_name = f"{spec.get('local_name') or name}/{Path(file).stem}"
+            file_spec = OmegaConf.merge(OmegaConf.to_container(spec), {"data_files": file, "local_name": local_name})
+            rows = load_rows(file_spec, cfg.local_dir, FORMATTER_FIELDS[spec.formatter])
+            formatted[file] = (file_spec, *format_all(rows, lambda row, _i: formatter(row, spec)))
+        file_spec, records, dropped = formatted[file]
+        whole = str(size) in {str(k) for k in spec.size_files}
+        count = len(records) if whole else parse_size(size)
+        if count > len(records):
+            raise PrepError(f"{name}: size {size} asks for {count} records but {file} has only {len(records)} valid "
+                            f"({sum(dropped.values())} dropped); choose a smaller size or one of {', '.join(map(str, spec.size_files))}")
+        order = range(count) if whole else nested_order(len(records), cfg.seed, cfg.sampling)[:count]
+        subset = [{"id": f"{name}-{i}", **records[i]} for i in order]
+        manifest = {"dataset": name, "source": describe(file_spec, cfg.local_dir), "revision": spec.get("revision"),
+                    "data_files": file, "split": spec.split, "size": size, "count": count, "seed": cfg.seed,
+                    "sampling": "file" if whole else cfg.sampling, "valid_records": len(records),
+                    "dropped": sum(dropped.values()), "dropped_by_reason": dict(sorted(dropped.items())),
+                    "format_version": FORMAT_VERSION}
+        status = publish(Path(cfg.out_dir) / name / size, "train.jsonl", subset, manifest, staging)
+        _say(f"[data_prep] {name}/{size}: {status} {count} records of {file} ({sum(dropped.values())} of it dropped)", staging)
+
+
 def prepare_training(name: str, cfg: DictConfig, staging: Staging | None = None) -> None:
     """Format one training source and publish its nested subsets (one folder per size)."""
     if name not in cfg.sources.training:
         raise PrepError(f"unknown training set '{name}'; choose from {', '.join(cfg.sources.training)}")
     spec = cfg.sources.training[name]
+    if spec.get("size_files"):
+        return prepare_release(name, spec, cfg, staging)
     formatter = FORMATTERS[spec.formatter]
     rows = load_rows(spec, cfg.local_dir, FORMATTER_FIELDS[spec.formatter])
-    records, dropped = format_all(rows, lambda row, _i: formatter(row))
+    records, dropped = format_all(rows, lambda row, _i: formatter(row, spec))
     order = nested_order(len(records), cfg.seed, cfg.sampling)
     for size in dict.fromkeys(as_list(cfg.sizes)):
         count = parse_size(size)

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-LETTERS = "ABCD"
-ANSWER_SENTENCE = "So the answer to this question is {letter}."
-
-
-def render_mcq(question: str, options: list[str]) -> str:
-    """The reference code's multiple-choice prompt body (``Answer:`` is added at eval time)."""
-    lines = [f"Question: {question.strip()}", "", "Options:"]
-    lines += [f"{LETTERS[i]}. {str(opt).strip()}" for i, opt in enumerate(options)]
-    return "\n".join(lines)
+from asft_repro.prompts import LETTERS, MCQ_ANSWER_SENTENCE as ANSWER_SENTENCE, render_mcq  # the one prompt module
 
 
 def _text(value: Any) -> str | None:
@@ -23,7 +15,7 @@ def _record(prompt: str, response: str) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
 
 
-def numina(row: dict) -> dict | str:
+def numina(row: dict, spec: Any = None) -> dict | str:
     """NuminaMath-CoT: problem -> solution. Returns a record or the reason it is dropped."""
     problem, solution = _text(row.get("problem")), _text(row.get("solution"))
     if not problem or not solution:
@@ -31,8 +23,13 @@ def numina(row: dict) -> dict | str:
     return _record(problem, solution)
 
 
-def medmcqa(row: dict) -> dict | str:
-    """MedMCQA: question + 4 options -> explanation + 'So the answer to this question is X.'"""
+def medmcqa(row: dict, spec: Any = None) -> dict | str:
+    """MedMCQA: question + 4 options -> explanation + 'So the answer to this question is X.'
+
+    Rows without an explanation are dropped ("no explanation"), as in the paper's released file, unless the
+    source sets ``require_explanation: false`` (conf/prep/sources.yaml): then they keep the answer sentence alone.
+    """
+    require_explanation = True if spec is None else bool(spec.get("require_explanation", True))
     question = _text(row.get("question"))
     options = [_text(row.get(k)) for k in ("opa", "opb", "opc", "opd")]
     cop = row.get("cop")
@@ -41,11 +38,13 @@ def medmcqa(row: dict) -> dict | str:
     if not isinstance(cop, int) or not 0 <= cop < 4:
         return "answer index out of range"
     explanation = _text(row.get("exp"))
+    if not explanation and require_explanation:
+        return "no explanation"
     answer = ANSWER_SENTENCE.format(letter=LETTERS[cop])
     return _record(render_mcq(question, options), f"{explanation}\n{answer}" if explanation else answer)
 
 
-def instruction_response(row: dict) -> dict | str:
+def instruction_response(row: dict, spec: Any = None) -> dict | str:
     """The paper's released files: instruction / response."""
     instruction, response = _text(row.get("instruction")), _text(row.get("response"))
     if not instruction or not response:
@@ -53,7 +52,8 @@ def instruction_response(row: dict) -> dict | str:
     return _record(instruction, response)
 
 
-FORMATTERS: dict[str, Callable[[dict], dict | str]] = {
+# formatter(row, spec): spec is the source's entry in conf/prep/sources.yaml (options such as require_explanation)
+FORMATTERS: dict[str, Callable[[dict, Any], dict | str]] = {
     "numina": numina, "medmcqa": medmcqa, "instruction_response": instruction_response,
 }
 # the fields each formatter reads: a source without them is refused before anything is written

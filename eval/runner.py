@@ -33,6 +33,7 @@ import codecs
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
@@ -49,7 +50,7 @@ from tqdm import tqdm
 
 from asft_repro.config import ConfigError
 from asft_repro.jsonl import append_jsonl, read_jsonl
-from data_prep.formatting import LETTERS, render_mcq
+from asft_repro.prompts import LETTERS, render_mcq, render_mcq_scoring, render_prompt, stop_strings, truncate_at_stop
 from eval.backends import GenerationBackend, Sampling, make_backend
 from eval.graders import extract_choice, grade_math
 
@@ -57,6 +58,9 @@ SOURCES = Path(__file__).resolve().parent.parent / "conf" / "prep" / "sources.ya
 DOMAIN_AVG = {"math": "Math Avg", "medical": "Medical Avg"}
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "config.json")
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "n_samples", "seed", "limit")
+LETTER_MODES = ("loglik", "paper_fallback")  # multiple choice scored from the next token after "Answer:"
+PAPER_LETTERS = ("A", "B", "C", "D")  # the paper's evaluator looks for these whatever the number of options
+PAPER_TOPK = 10  # its logprobs=10
 ROOT = Path(__file__).resolve().parent.parent
 PART = re.compile(r"\.part(\d+)of(\d+)\.jsonl")
 
@@ -97,18 +101,66 @@ def load_items(name: str, benchmarks_dir: Path, limit: int | None) -> tuple[list
 
 
 def build_prompt(item: dict, template: str, tokenizer: Any, mc_mode: str) -> str:
-    from asft_repro.data import render_prompt
-
+    """The prompt of one item (texts in asft_repro/prompts.py): math and generate-mode multiple choice in
+    ``template``; letter scoring (loglik, paper_fallback) in the paper's ``...\n\nAnswer:`` prompt."""
     if item["kind"] == "multiple_choice":
-        body = render_mcq(item["prompt"], item["choices"])
-        # next-token scoring reads the letter right after "Answer:", as the reference evaluator does
-        return body + "\n\nAnswer:" if mc_mode == "loglik" else render_prompt(body, tokenizer, template)
+        if mc_mode in LETTER_MODES:  # the next token after "Answer:" is the letter, as in the paper's evaluator
+            return render_mcq_scoring(item["prompt"], item["choices"])
+        return render_prompt(render_mcq(item["prompt"], item["choices"]), tokenizer, template)
     return render_prompt(item["prompt"], tokenizer, template)
+
+
+def paper_mc_answer(top: list[tuple[str, float]], generated: str) -> tuple[str, str]:
+    """The paper's medical evaluator's letter and where it came from (``topk``, ``text`` or ``default``).
+
+    ``top``: the first token's top candidates in the backend's order (decoded text, log-prob). Each one whose
+    stripped, upper-cased text is A-D sets that letter's score, a later variant overwriting an earlier one
+    (``" A"`` then ``"a"``: the ``"a"`` log-prob counts); the best letter wins. Without any, the first standalone
+    A-D letter of the generated token's text; without that, ``"A"`` (the paper's silent default).
+    """
+    scores: dict[str, float] = {}
+    for token, logprob in top:
+        key = str(token).strip().upper()
+        if key in PAPER_LETTERS:
+            scores[key] = float(logprob)
+    if scores:
+        return max(scores, key=scores.get), "topk"
+    match = re.search(r"\b([ABCD])\b", generated.strip().upper())
+    if match:
+        return match.group(1), "text"
+    return "A", "default"
+
+
+def check_mc_mode(ecfg: Any, names: list[str], backend: Any = None) -> None:
+    """ConfigError (one line) when mc_mode=paper_fallback meets a backend that reports no top first tokens."""
+    if ecfg.mc_mode != "paper_fallback":
+        return
+    sources = source_config()
+    members = [m for n in names for m in (sources.benchmark_groups[n] if n in sources.benchmark_groups else [n])]
+    if not any(sources.benchmarks[m].kind == "multiple_choice" for m in members):
+        return
+    if backend is None:
+        from eval import backends
+
+        backend = {"hf": getattr(backends, "HFBackend", None), "vllm": getattr(backends, "VLLMBackend", None),
+                   "openai": getattr(backends, "OpenAIServerBackend", None)}.get(ecfg.backend)
+    if not callable(getattr(backend, "next_token_topk", None)):
+        raise ConfigError(f"eval.mc_mode=paper_fallback is invalid with eval.backend={ecfg.backend} (it reports no "
+                          f"top-{PAPER_TOPK} first tokens); use eval.backend=hf, or eval.mc_mode=loglik")
 
 
 def _score_batch(batch: list[dict], prompts: list[str], backend: GenerationBackend, cfg: Any, sampling: Sampling,
                  seeds: list[int]) -> list[dict]:
     kind = batch[0]["kind"]
+    if kind == "multiple_choice" and cfg.mc_mode == "paper_fallback":
+        records = []
+        for item, cand in zip(batch, backend.next_token_topk(prompts, PAPER_TOPK)):  # type: ignore[attr-defined]
+            top = [(str(token), float(logprob)) for token, logprob in cand["top"]]
+            parsed, source = paper_mc_answer(top, cand["text"])
+            records.append({"id": item["id"], "benchmark": item["benchmark"], "outputs": [cand["text"]], "parsed": [parsed],
+                            "correct": [parsed == item["answer"]], "answer": item["answer"], "mc_source": source,
+                            "top_tokens": top})
+        return records
     if kind == "multiple_choice" and cfg.mc_mode == "loglik":
         records = []
         for item, scores in zip(batch, backend.choice_logprobs(prompts, LETTERS[: len(batch[0]["choices"])])):
@@ -118,15 +170,19 @@ def _score_batch(batch: list[dict], prompts: list[str], backend: GenerationBacke
                             "correct": [parsed == item["answer"]], "answer": item["answer"], "letter_logprobs": scores})
         return records
     records = []
-    for item, outputs in zip(batch, backend.generate(prompts, sampling, seeds)):
+    stop = stop_strings(getattr(cfg, "stop", None))
+    for item, generated in zip(batch, backend.generate(prompts, sampling, seeds)):
+        outputs = [truncate_at_stop(text, stop) for text in generated]  # as the paper's evaluator cuts its outputs
+        # hit the token limit without stopping: no credit unless a final answer was marked
+        truncated = [getattr(raw, "truncated", False) and cut == raw for raw, cut in zip(generated, outputs)]
         if kind == "math":
-            graded = [grade_math(text, item["answer"]) for text in outputs]
+            graded = [grade_math(text, item["answer"], cut) for text, cut in zip(outputs, truncated)]
             correct, parsed = [g[0] for g in graded], [g[1] for g in graded]
         else:
             parsed = [extract_choice(text, item["choices"]) for text in outputs]
             correct = [p == item["answer"] for p in parsed]
         records.append({"id": item["id"], "benchmark": item["benchmark"], "outputs": outputs, "parsed": parsed,
-                        "correct": correct, "answer": item["answer"]})
+                        "correct": correct, "answer": item["answer"], "truncated": truncated})
     return records
 
 
@@ -142,7 +198,7 @@ def score_items(name: str, items: list[dict], backend: GenerationBackend, cfg: A
     done = {item_key(record): record for record in read_jsonl(out_file)}
     mine = list(range(worker, len(items), workers))
     todo = [index for index in mine if item_key(items[index]) not in done and item_key(items[index]) not in skip]
-    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.n_samples, cfg.seed)
+    sampling = make_sampling(cfg)
     desc = name if workers == 1 else f"{name} [worker {worker} of {workers}]"
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc) as bar:
         for start in range(0, len(todo), cfg.batch_size):
@@ -159,13 +215,44 @@ def score_items(name: str, items: list[dict], backend: GenerationBackend, cfg: A
     return done
 
 
+def make_sampling(cfg: Any) -> Sampling:
+    """The backends' sampling settings from ``eval``; ``stop`` resolved (null = the paper's stop strings)."""
+    return Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.n_samples, cfg.seed,
+                    stop=stop_strings(getattr(cfg, "stop", None)))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimator (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), for n samples with c correct."""
+    if not 0 < k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n and 0 <= c <= n (got n={n}, c={c}, k={k})")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def benchmark_scores(items: list[dict], done: dict[str, dict]) -> dict[str, Any]:
-    """accuracy (mean over items of the mean over samples), counts and unparsed answers."""
+    """Scores of one benchmark, in percent:
+
+    * ``acc``: the first sample's accuracy (what the paper's tables report); ``accuracy`` (read by the tables
+      and the domain averages) is the same number;
+    * ``mean_acc``: over all samples of all items (the paper's evaluator prints it too);
+    * ``pass@1`` and, with n > 1 samples, ``pass@n``: the unbiased estimator, averaged over items;
+    * counts: items, samples, ``unparsed`` answers (counted wrong), and for mc_mode=paper_fallback how many
+      letters came from the generated text (``fell_back_to_text``) or defaulted to "A" (``defaulted_to_A``).
+    """
     records = [done[item_key(it)] for it in items]
-    per_item = [statistics.fmean(map(float, r["correct"])) for r in records]
-    return {"accuracy": 100.0 * statistics.fmean(per_item) if per_item else None, "num_items": len(records),
-            "num_samples": sum(len(r["correct"]) for r in records),
-            "unparsed": sum(p is None for r in records for p in r["parsed"])}
+    scores: dict[str, Any] = {"accuracy": None, "acc": None, "mean_acc": None, "num_items": len(records),
+                              "num_samples": sum(len(r["correct"]) for r in records),
+                              "unparsed": sum(p is None for r in records for p in r["parsed"])}
+    if records:
+        scores["acc"] = scores["accuracy"] = 100.0 * statistics.fmean(float(r["correct"][0]) for r in records)
+        scores["mean_acc"] = 100.0 * statistics.fmean(float(c) for r in records for c in r["correct"])
+        n = min(len(r["correct"]) for r in records)
+        for k in sorted({1, n}):
+            scores[f"pass@{k}"] = 100.0 * statistics.fmean(pass_at_k(len(r["correct"]), sum(map(bool, r["correct"])), k)
+                                                           for r in records)
+    if any("mc_source" in r for r in records):
+        scores["fell_back_to_text"] = sum(r.get("mc_source") == "text" for r in records)
+        scores["defaulted_to_A"] = sum(r.get("mc_source") == "default" for r in records)
+    return scores
 
 
 def score_benchmark(name: str, items: list[dict], backend: GenerationBackend, cfg: Any, template: str,
@@ -207,10 +294,10 @@ def merge_parts(out_file: Path, parts: list[Path], items: list[dict]) -> dict[st
     return done
 
 
-def domain_average(scores: dict[str, dict], domain: str) -> float | None:
-    """The paper's average: over all of the domain's benchmarks, or None if any is missing."""
+def domain_average(scores: dict[str, dict], domain: str, metric: str = "accuracy") -> float | None:
+    """The paper's average of ``metric``: over all of the domain's benchmarks, or None if any is missing."""
     names = list(source_config().domains[domain])
-    values = [scores.get(n, {}).get("accuracy") for n in names]
+    values = [scores.get(n, {}).get(metric) for n in names]
     return statistics.fmean(values) if all(v is not None for v in values) else None
 
 
@@ -231,7 +318,7 @@ def eval_settings(cfg: Any, model_path: str, template: str, benchmark_sha256: di
     ecfg = cfg.eval
     settings = {"model": model_fingerprint(model_path), "dtype": cfg.model.dtype, "benchmarks": benchmark_sha256,
                 "template": template, "mc_mode": ecfg.mc_mode, "backend": ecfg.backend,
-                **{k: getattr(ecfg, k) for k in SAMPLING_KEYS}}
+                **{k: getattr(ecfg, k) for k in SAMPLING_KEYS}, "stop": stop_strings(getattr(ecfg, "stop", None))}
     if ecfg.backend == "openai":  # the server decides which weights answer
         settings["server_model"] = ecfg.server_model or model_path
     return settings
@@ -374,10 +461,13 @@ def worker_main() -> int:
     try:
         ecfg = SimpleNamespace(**job["eval"])
         backend = make_backend(ecfg, job["model_path"], job["dtype"])
-        tokenizer = _tokenizer(backend, job["template"], job["model_path"])
-        for bench in job["benchmarks"]:
-            score_items(bench["name"], bench["items"], backend, ecfg, job["template"], tokenizer, Path(bench["out_file"]),
-                        (job["worker"], job["workers"]), set(bench["skip"]))
+        try:
+            tokenizer = _tokenizer(backend, job["template"], job["model_path"])
+            for bench in job["benchmarks"]:
+                score_items(bench["name"], bench["items"], backend, ecfg, job["template"], tokenizer,
+                            Path(bench["out_file"]), (job["worker"], job["workers"]), set(bench["skip"]))
+        finally:
+            backend.close()  # the engine's memory goes back before this process reports
     except Exception as err:  # noqa: BLE001 - reported to the parent as this process's last stderr line
         traceback.print_exc()
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -421,23 +511,29 @@ def evaluate(cfg: Any, model_path: str, eval_root: Path, benchmarks: list[str] |
     key = settings_hash(settings)
     out_dir = Path(eval_root) / key
     plan = data_parallel_plan(ecfg)
+    check_mc_mode(ecfg, names)
     if len(plan) == 1:
         backend = make_backend(ecfg, model_path, cfg.model.dtype)  # a model that cannot load fails before any write
+        check_mc_mode(ecfg, names, backend)
         tokenizer = _tokenizer(backend, template, model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "settings.json", settings)
     if len(plan) == 1:
         scores = {}
-        for name, (items, _hashes) in loaded.items():
-            out_file = out_dir / f"{name}.jsonl"
-            merge_parts(out_file, part_files(out_file), items)  # records of an earlier data-parallel run
-            scores[name] = score_benchmark(name, items, backend, ecfg, template, tokenizer, out_file)
+        try:
+            for name, (items, _hashes) in loaded.items():
+                out_file = out_dir / f"{name}.jsonl"
+                merge_parts(out_file, part_files(out_file), items)  # records of an earlier data-parallel run
+                scores[name] = score_benchmark(name, items, backend, ecfg, template, tokenizer, out_file)
+        finally:
+            backend.close()  # a second evaluation in this process starts with the memory back
     else:
         scores = evaluate_data_parallel(plan, ecfg, model_path, cfg.model.dtype, template, loaded, out_dir)
     metrics = {
         "model_path": model_path, "benchmarks": scores, "settings_hash": key, "settings": settings,
         "averages": {label: domain_average(scores, domain) for domain, label in DOMAIN_AVG.items()},
-        "sampling": {k: getattr(ecfg, k) for k in ("backend", "mc_mode", *SAMPLING_KEYS)},
+        "mean_acc_averages": {label: domain_average(scores, domain, "mean_acc") for domain, label in DOMAIN_AVG.items()},
+        "sampling": {**{k: getattr(ecfg, k) for k in ("backend", "mc_mode", *SAMPLING_KEYS)}, "stop": settings["stop"]},
         "template": template, "benchmark_sha256": {m: h for _items, hashes in loaded.values() for m, h in hashes.items()},
     }
     _write_json(out_dir / "metrics.json", metrics)

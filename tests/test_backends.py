@@ -99,3 +99,23 @@ def test_importing_eval_does_not_need_vllm():
     import eval.runner  # noqa: F401
 
     assert "vllm" not in sys.modules or importlib.util.find_spec("vllm") is not None
+
+
+def test_a_generation_cut_at_the_token_limit_gets_no_credit_without_a_final_answer():
+    from types import SimpleNamespace
+
+    from eval.backends import Generated
+    from eval.runner import _score_batch, make_sampling
+
+    class Fake:
+        def generate(self, prompts, sampling, seeds=None):
+            return [[Generated("so far 2 + 3 = 5", truncated=True), Generated("so far 2 + 3 = 5 ### Instruction: x", True),
+                     Generated("so \\boxed{5} and then", truncated=True), Generated("2 + 3 = 5", truncated=False)]]
+
+    cfg = SimpleNamespace(mc_mode="loglik", stop=["### Instruction"], max_new_tokens=8, temperature=0.0, top_p=1.0,
+                          n_samples=4, seed=0)
+    item = {"id": "1", "benchmark": "math500", "kind": "math", "answer": "5", "prompt": "2+3?"}
+    [record] = _score_batch([item], ["p"], Fake(), cfg, make_sampling(cfg), [0])
+    # cut at the limit: no credit; stopped by a stop string: not cut; a boxed answer counts; a finished text counts
+    assert record["truncated"] == [True, False, True, False]
+    assert record["correct"] == [False, True, True, True]

@@ -172,7 +172,7 @@ def test_resume_stops_on_a_broken_middle_line(tmp_path, demo_data, tiny_model_pa
 # --- defect 4: bad eval values fail at config time, one line ---------------------------------------------
 
 @pytest.mark.parametrize("override, message", [
-    ("eval.template=foo", "eval.template='foo' is not known; use alpaca, chat or null"),
+    ("eval.template=foo", "eval.template='foo' is invalid; use alpaca, alpaca_newline, chat or null"),
     ("eval.limit=0", "eval.limit=0 is invalid; set 1 or more, or null"),
     ("eval.batch_size=0", "eval.batch_size=0 is invalid; set it to 1 or more"),
     ("eval.max_new_tokens=0", "eval.max_new_tokens=0 is invalid; set it to 1 or more"),
