@@ -45,6 +45,8 @@ def training_identity(cfg: Any) -> dict[str, Any]:
         flat.update({"method.name": "base", "data.domain": container["data"]["domain"]})
     elif method not in KL_METHODS:
         flat.pop("method.kl_coef", None), flat.pop("method.kl_direction", None)
+    if flat.get("method.anchor", "exact") == "exact":  # the resident base: hashes as before the cache existed
+        flat.pop("method.anchor", None), flat.pop("method.anchor_k", None)
     return {k: v for k, v in sorted(flat.items()) if k not in NON_TRAINING_KEYS and not k.startswith("model.arch.")}
 
 

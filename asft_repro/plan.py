@@ -109,7 +109,7 @@ def memory_gb(cfg: Config, arch: ModelArch, world: int) -> dict[str, float]:
     w = 2 if precision.endswith("-true") else 4
     params = arch.num_params_b * 1e9
     shards = world if t.strategy in ("fsdp2", "zero3") else 1
-    with_base = cfg.method.uses_kl or t.log_kl
+    with_base = (cfg.method.uses_kl or t.log_kl) and cfg.method.anchor != "cache"  # a cached anchor loads no base
     btH = t.per_device_batch_size * cfg.data.max_length * arch.hidden_size
     btv = t.per_device_batch_size * cfg.data.max_length * arch.vocab_size
     acts = (arch.num_layers * btH * b + ACT_BYTES_PER_LAYER * btH * b if t.gradient_checkpointing
