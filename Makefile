@@ -5,7 +5,7 @@ OUT ?= outputs
 export WANDB_MODE ?= offline
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: setup demo demo-data data train table1 plan tables plots bench test clean-demo test-vllm
+.PHONY: setup demo demo-data data train table1 plan tables plots bench test clean-demo test-vllm anchor-demo
 
 setup: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -25,6 +25,12 @@ demo: demo-data    ## prep -> train base/SFT/DFT/ASFT (math + medical) -> eval -
 	$(PY) -m asft_repro.train -m experiment=demo method=base,sft,dft,asft data=demo_math,demo_medical train.resume=true
 	$(PY) -m asft_repro.tables --root $(OUT) --experiment demo
 	$(PY) -m asft_repro.plots --root $(OUT) --experiment demo
+
+anchor-demo: demo-data   ## ASFT, resident base vs its cached top-k anchor, 2 seeds each: KL curves and scores side by side
+	$(PY) -m asft_repro.anchor experiment=anchor_demo
+	$(PY) -m asft_repro.train -m experiment=anchor_demo method.anchor=exact,cache train.seed=42,43 train.resume=true
+	$(PY) -m asft_repro.tables --root $(OUT) --experiment anchor_demo
+	$(PY) -m asft_repro.plots --root $(OUT) --experiment anchor_demo
 
 LAUNCH = $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
 MATH_GRID = experiment=table1_math method=sft,dft,asft data.size=10k,30k,100k

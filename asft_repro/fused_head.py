@@ -3,10 +3,12 @@
 The decoder runs to its last hidden states; only the rows whose next token is a response token are
 kept ([N, H]). Per chunk of rows, the policy logits ``h @ W^T`` (and the base's, from the base's
 hidden states at the same rows and its own head) are formed in float32, the loss and every metric
-are computed with the same per-chunk math as :func:`asft_repro.losses.compute_loss`, and the chunk
-is dropped; backward recomputes it and sends the gradient to the hidden states and to the head
-weight (tied embeddings included). No [B, T, V] tensor of any dtype and no [N, V] float32 tensor
-beyond one chunk ever exists.
+are computed with the same per-chunk math as :func:`asft_repro.losses.compute_loss`, and so is the
+chunk's gradient, which is sent at once to the hidden rows ([N, H]) and the head weight ([V, H], tied
+embeddings included); the chunk is then dropped, and backward only scales those two gradients (it
+recomputes the chunks when the rows' incoming gradients differ). The chunks reuse four float32
+[chunk, V] buffers. No [B, T, V] tensor of any dtype and no [N, V] float32 tensor beyond one chunk
+ever exists.
 
 ``enable_fused_head(model)`` lets ``model(input_ids=..., attention_mask=..., from_hidden=fn)`` run the
 decoder and return ``fn(last_hidden_states, head)`` through whatever wraps the model (DDP, FSDP2's root
@@ -22,17 +24,17 @@ from typing import Any
 
 import torch
 
-from asft_repro.anchor_cache import (AnchorRows, anchor_grad, anchor_kl_into, anchor_terms, complete_log_probs,
-                                     masked_log_tail)
+from asft_repro.anchor_cache import AnchorRows, anchor_grad, anchor_kl_into, anchor_terms, complete_log_probs, masked_log_tail
 from asft_repro.losses import (IGNORE_INDEX, METHODS_WITH_DFT_WEIGHT, METHODS_WITH_KL, KLDirection, Method,
-                               _compute_dtype, chunk_grad, chunk_stats, chunks, response_rows, row_losses)
+                               _compute_dtype, chunk_pass, chunks, response_rows, row_losses)
 
-CHUNK_BUDGET_MB = 256  # float32 work per chunk: about 6 [rows, V] buffers (logits, log-probs, base, gradient)
+CHUNK_BUDGET_MB = 256  # float32 work per chunk
+WORK_BUFFERS = 4  # [rows, V] float32 buffers, reused by every chunk: logits, log p, log q, product / gradient
 
 
 def auto_chunk_rows(vocab_size: int, budget_mb: float = CHUNK_BUDGET_MB) -> int:
     """Rows per chunk so that one chunk's float32 work stays within ``budget_mb``."""
-    return max(1, int(budget_mb * 2**20 // (6 * 4 * vocab_size)))
+    return max(1, int(budget_mb * 2**20 // (WORK_BUFFERS * 4 * vocab_size)))
 
 
 def head_weight(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -45,91 +47,145 @@ def head_weight(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cdtype: torch.dtype) -> torch.Tensor:
-    z = hidden @ weight.to(hidden.dtype).t()
-    if bias is not None:
-        z = z + bias.to(z.dtype)
-    return z.to(cdtype)
+    """Logits [c, V] in ``cdtype`` (matmul in the hidden states' dtype)."""
+    return _logits_into(torch.empty(hidden.shape[0], weight.shape[0], dtype=cdtype, device=hidden.device),
+                        hidden, weight, bias)
 
 
-def _base_log_probs(sl: slice, logp: torch.Tensor, base_hidden, base_weight, base_bias, anchor_ids, anchor_logq,
-                    anchor_rest) -> torch.Tensor | None:
-    """One chunk's base log-probs: from the resident base's hidden rows, or completed from the cached top-k."""
-    if base_hidden is not None:
-        return torch.log_softmax(_logits(base_hidden[sl], base_weight, base_bias, logp.dtype), dim=-1)
-    if anchor_ids is not None:
-        return complete_log_probs(logp, anchor_ids[sl], anchor_logq[sl], anchor_rest[sl])
-    return None
+def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``hidden @ weight^T (+ bias)`` written into ``out`` (the matmul runs in the hidden states' dtype)."""
+    if hidden.dtype == out.dtype and weight.dtype == out.dtype:
+        torch.mm(hidden, weight.t(), out=out)
+    else:
+        out.copy_(hidden @ weight.to(hidden.dtype).t())
+    return out.add_(bias.to(out.dtype)) if bias is not None else out
+
+
+def _log_softmax_into(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits, -1)`` written into ``out`` (the same kernel, no fresh [c, V] allocation)."""
+    return torch._log_softmax(logits, -1, False, out=out)
+
+
+@dataclass
+class _Base:
+    """The anchor of one fused call: the resident base's hidden rows and head, or the cached top-k rows."""
+
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    anchor: AnchorRows | None = None
+
+
+def _chunk(sl: slice, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+           base: _Base | None, dft_weight: bool, kl_coef: float, reverse: bool, want_grad: bool,
+           work: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's stats [c, 4] and (``want_grad``) unscaled d(row losses)/d(logits) [c, V], in the ``work`` buffers.
+
+    The math is :func:`asft_repro.losses.chunk_pass`, the per-chunk function behind ``compute_loss``; with a
+    cached top-k anchor (k < V) the KL and its gradient are formed in O(k) per row beside the policy's own
+    log-probs (:func:`asft_repro.anchor_cache.anchor_kl_into` / ``anchor_grad``: the same values as
+    ``chunk_pass`` on the completed log q~, without a second [c, V] distribution).
+    """
+    rows = hidden[sl]
+    scratch, logp_buf, logq_buf, spare = (buf[: rows.shape[0]] for buf in work)
+    logp = _log_softmax_into(logp_buf, _logits_into(scratch, rows, weight, bias))
+    if base is None:
+        return chunk_pass(logp, targets[sl], None, dft_weight, kl_coef, reverse, want_grad)
+    if base.hidden is not None:
+        logq = _log_softmax_into(logq_buf, _logits_into(scratch, base.hidden[sl], base.weight, base.bias))
+        return chunk_pass(logp, targets[sl], logq, dft_weight, kl_coef, reverse, want_grad, [scratch, spare])
+    ids, logq_topk, log_rest = base.anchor.ids[sl], base.anchor.logprobs[sl], base.anchor.log_rest[sl]
+    if ids.shape[1] >= logp.shape[1]:  # the cache holds the whole distribution
+        logq = complete_log_probs(logp, ids, logq_topk, log_rest)
+        return chunk_pass(logp, targets[sl], logq, dft_weight, kl_coef, reverse, want_grad, [scratch, spare])
+    stats, _ = chunk_pass(logp, targets[sl], None, dft_weight)  # log p left as it is
+    probs = torch.exp(logp, out=logq_buf)
+    terms = anchor_terms(logp, ids, logq_topk, log_rest, probs=probs)
+    lost = torch.isneginf(terms.log_tail)  # the policy's whole tail underflowed in the sum: recompute exactly
+    if lost.any():
+        at = lost.nonzero()[:, 0]
+        terms.log_tail[at] = masked_log_tail(logp[at], terms.ids[at])
+    anchor_kl_into(stats, terms)
+    if not want_grad:
+        return stats, None
+    return stats, anchor_grad(logp, targets[sl], terms, stats, kl_coef, reverse, probs=probs)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """Row losses [N] and stats [N, 4] from hidden rows [N, H] and head weights [V, H]; recomputes in backward.
+    """Row losses [N] and stats [N, 4] from hidden rows [N, H] and head weights [V, H].
 
-    The base is either the resident model's hidden rows (``base_hidden``, ``base_weight``, ``base_bias``) or the
-    cached top-k anchor (``anchor_ids`` [N, k], ``anchor_logq`` [N, k], ``anchor_rest`` [N]). With k < V the
-    cached KL and its gradient are formed in O(k) per row beside the policy's own log-probs
-    (:func:`asft_repro.anchor_cache.anchor_stats` / ``anchor_grad``: the same values as ``chunk_stats`` /
-    ``chunk_grad`` on the completed log q~, without a second [chunk, V] distribution); with k >= V the cached
-    distribution is the whole one and goes through ``chunk_stats`` / ``chunk_grad``.
+    The gradient is formed in the forward, chunk by chunk, while each chunk's logits are at hand (as Liger's fused
+    linear cross-entropy does): d(sum of row losses)/d(hidden) [N, H] and /d(weight) [V, H] are kept, and backward
+    scales them by the incoming row gradient, which is the same for every row when the rows are summed (the
+    trainer's loss). Any other incoming gradient recomputes the chunks in backward. Nothing of [N, V] is kept.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, base_hidden, base_weight, base_bias,
-                dft_weight: bool, kl_coef: float, reverse: bool, chunk_rows: int,
-                anchor_ids=None, anchor_logq=None, anchor_rest=None):
+    def forward(ctx, hidden, weight, bias, targets, base: _Base | None, dft_weight: bool, kl_coef: float,
+                reverse: bool, chunk_rows: int, want_grad: bool):
         cdtype = _compute_dtype(hidden.dtype)
-        sparse = base_hidden is None and anchor_ids is not None and anchor_ids.shape[1] < weight.shape[0]
-        parts, tails = [], []
-        for sl in chunks(hidden.shape[0], chunk_rows):
-            logp = torch.log_softmax(_logits(hidden[sl], weight, bias, cdtype), dim=-1)
-            if sparse:  # the cached top-k anchor: O(k) per row beside log p, which is then used as scratch
-                chunk = chunk_stats(logp, targets[sl], None, dft_weight)
-                terms = anchor_terms(logp, anchor_ids[sl], anchor_logq[sl], anchor_rest[sl], consume=True)
-                lost = torch.isneginf(terms.log_tail)  # the policy's whole tail underflowed: recompute exactly
-                if lost.any():
-                    rows = lost.nonzero()[:, 0]
-                    again = torch.log_softmax(_logits(hidden[sl][rows], weight, bias, cdtype), dim=-1)
-                    terms.log_tail[rows] = masked_log_tail(again, terms.ids[rows])
-                parts.append(anchor_kl_into(chunk, terms))
-                tails.append(terms.log_tail)
-                del logp, terms
-                continue
-            logq = _base_log_probs(sl, logp, base_hidden, base_weight, base_bias, anchor_ids, anchor_logq, anchor_rest)
-            parts.append(chunk_stats(logp, targets[sl], logq, dft_weight))
-            del logp, logq
+        n, vocab = hidden.shape[0], weight.shape[0]
+        work = [torch.empty(min(chunk_rows, n), vocab, dtype=cdtype, device=hidden.device) for _ in range(WORK_BUFFERS)]
+        grads = _HeadGrads(hidden, weight, bias, cdtype) if want_grad else None
+        parts = []
+        for sl in chunks(n, chunk_rows):
+            stats, g = _chunk(sl, hidden, weight, bias, targets, base, dft_weight, kl_coef, reverse, want_grad, work)
+            parts.append(stats)
+            if grads is not None:
+                grads.add(sl, g, hidden, weight)
+        del work
         stats = torch.cat(parts) if parts else torch.zeros(0, 4, dtype=cdtype, device=hidden.device)
-        ctx.anchor_tail = torch.cat(tails) if sparse and tails else None  # log(1 - P_S) per row, reused in backward
-        ctx.save_for_backward(hidden, weight, bias, targets, base_hidden, base_weight, base_bias, stats,
-                              anchor_ids, anchor_logq, anchor_rest)
-        ctx.kl_coef, ctx.reverse, ctx.chunk_rows = kl_coef, reverse, chunk_rows
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.base, ctx.grads = base, grads
+        ctx.dft_weight, ctx.kl_coef, ctx.reverse, ctx.chunk_rows = dft_weight, kl_coef, reverse, chunk_rows
         ctx.mark_non_differentiable(stats)
         return row_losses(stats, kl_coef, reverse), stats
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_stats):
-        (hidden, weight, bias, targets, base_hidden, base_weight, base_bias, stats,
-         anchor_ids, anchor_logq, anchor_rest) = ctx.saved_tensors
-        cdtype = stats.dtype
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)  # accumulated in fp32
-        grad_bias = torch.zeros(bias.shape, dtype=cdtype, device=bias.device) if bias is not None else None
+        hidden, weight, bias, targets = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None  # used once; a second backward (retain_graph) recomputes
+        if grads is not None and grad_rows.numel() and bool((grad_rows == grad_rows[0]).all()):
+            return (*grads.scaled(grad_rows[0], hidden, weight, bias), None, None, None, None, None, None, None)
+        cdtype = _compute_dtype(hidden.dtype)
+        grads = _HeadGrads(hidden, weight, bias, cdtype)
+        work = [torch.empty(min(ctx.chunk_rows, hidden.shape[0]), weight.shape[0], dtype=cdtype, device=hidden.device)
+                for _ in range(WORK_BUFFERS)]
         for sl in chunks(hidden.shape[0], ctx.chunk_rows):
-            logp = torch.log_softmax(_logits(hidden[sl], weight, bias, cdtype), dim=-1)
-            if ctx.anchor_tail is not None and ctx.kl_coef:
-                terms = anchor_terms(logp, anchor_ids[sl], anchor_logq[sl], anchor_rest[sl], ctx.anchor_tail[sl])
-                g = anchor_grad(logp, targets[sl], terms, stats[sl], ctx.kl_coef, ctx.reverse, grad_rows[sl])
-                del logp, terms
-            else:
-                logq = (_base_log_probs(sl, logp, base_hidden, base_weight, base_bias, anchor_ids, anchor_logq,
-                                        anchor_rest) if ctx.kl_coef else None)
-                g = chunk_grad(logp, targets[sl], logq, stats[sl], ctx.kl_coef, ctx.reverse, grad_rows[sl])
-                del logp, logq
-            grad_hidden[sl] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            grad_weight.addmm_(g.t(), hidden[sl].to(cdtype))
-            if grad_bias is not None:
-                grad_bias += g.sum(0)
-        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return (grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None, None, None, None,
-                None, None, None)
+            _stats, g = _chunk(sl, hidden, weight, bias, targets, ctx.base, ctx.dft_weight, ctx.kl_coef, ctx.reverse,
+                               True, work)
+            grads.add(sl, g.mul_(grad_rows[sl, None].to(g.dtype)), hidden, weight)
+        one = torch.ones((), dtype=cdtype, device=hidden.device)
+        return (*grads.scaled(one, hidden, weight, bias), None, None, None, None, None, None, None)
+
+
+class _HeadGrads:
+    """Float32 accumulators of d(loss)/d(hidden rows) [N, H], d/d(head weight) [V, H] and d/d(bias) [V]."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cdtype: torch.dtype):
+        self.hidden = torch.empty(hidden.shape, dtype=cdtype, device=hidden.device)
+        self.weight = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)
+        self.bias = torch.zeros(bias.shape, dtype=cdtype, device=bias.device) if bias is not None else None
+
+    def add(self, sl: slice, g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add one chunk's logits gradient ``g`` [c, V] (float32) for the hidden rows ``sl``."""
+        if weight.dtype == g.dtype:
+            torch.mm(g, weight, out=self.hidden[sl])
+        else:
+            self.hidden[sl] = g.to(weight.dtype) @ weight
+        self.weight.addmm_(g.t(), hidden[sl].to(g.dtype))
+        if self.bias is not None:
+            self.bias += g.sum(0)
+
+    def scaled(self, scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The gradients times ``scale``, in the inputs' dtypes (in place where the dtype already matches)."""
+        if bool(scale != 1):
+            for t in (self.hidden, self.weight, self.bias):
+                if t is not None:
+                    t.mul_(scale.to(t.dtype))
+        return (self.hidden.to(hidden.dtype), self.weight.to(weight.dtype),
+                self.bias.to(bias.dtype) if self.bias is not None else None)
 
 
 @dataclass
@@ -160,13 +216,17 @@ class FusedLoss:
             anchor = self.anchor.to(hidden.device)
         policy_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         weight, bias = head_weight(head)
-        base_weight, base_bias = head_weight(self.base_head) if self.base_hidden is not None else (None, None)
+        base = None
+        if self.base_hidden is not None:
+            base = _Base(self.base_hidden, *head_weight(self.base_head))
+        elif anchor is not None:
+            base = _Base(anchor=anchor)
         coef = self.kl_coef if method in METHODS_WITH_KL else 0.0
+        want_grad = torch.is_grad_enabled() and (policy_rows.requires_grad or weight.requires_grad)
         return _FusedHeadLoss.apply(
-            policy_rows, weight, bias, targets, self.base_hidden, base_weight, base_bias,
-            method in METHODS_WITH_DFT_WEIGHT, coef, KLDirection(self.kl_direction) is KLDirection.reverse,
-            self.chunk_rows or auto_chunk_rows(weight.shape[0]),
-            *((anchor.ids, anchor.logprobs, anchor.log_rest) if anchor is not None else (None, None, None)))
+            policy_rows, weight, bias, targets, base, method in METHODS_WITH_DFT_WEIGHT, coef,
+            KLDirection(self.kl_direction) is KLDirection.reverse, self.chunk_rows or auto_chunk_rows(weight.shape[0]),
+            want_grad)
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

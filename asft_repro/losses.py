@@ -52,31 +52,58 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def chunk_stats(logp: torch.Tensor, targets: torch.Tensor, logq: torch.Tensor | None, dft_weight: bool) -> torch.Tensor:
-    """[c, 4] stats of one chunk: (log p(y), KL(q||p), KL(p||q), DFT weight a) from log-probs [c, V]."""
+def chunk_pass(logp: torch.Tensor, targets: torch.Tensor, logq: torch.Tensor | None, dft_weight: bool,
+               kl_coef: float = 0.0, reverse: bool = False, want_grad: bool = False,
+               work: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's stats [c, 4] (log p(y), KL(q||p), KL(p||q), DFT weight a) and, with ``want_grad``, the gradient
+    of its row losses w.r.t. the logits [c, V] (unscaled: d(a * -log p_y + c * kl)/dz).
+
+    ``logp`` / ``logq`` are log-probs [c, V] in the compute dtype; both are used as scratch (overwritten) unless
+    neither a base nor a gradient is asked for. ``work`` are up to two spare [c, V] buffers of that dtype (allocated
+    when absent), so a caller walking many chunks allocates nothing per chunk. The gradient lives in one of them.
+    """
+    spare = list(work or [])
+
+    def buffer() -> torch.Tensor:
+        return spare.pop()[: logp.shape[0]] if spare else torch.empty_like(logp)
+
     stats = torch.zeros(logp.shape[0], 4, dtype=logp.dtype, device=logp.device)
     logp_y = logp.gather(1, targets[:, None]).squeeze(1)
     stats[:, 0] = logp_y
     stats[:, 3] = logp_y.exp() if dft_weight else 1.0
-    if logq is not None:
-        diff = logq - logp
-        stats[:, 1] = (logq.exp() * diff).sum(-1)
-        stats[:, 2] = -(logp.exp() * diff).sum(-1)
-    return stats
+    a = stats[:, 3, None]
+    if logq is None:
+        if not want_grad:
+            return stats, None
+        g = logp.exp_().mul_(a)  # d(-a * log p_y)/dz = a * (p - onehot(y))
+        return stats, g.scatter_add_(1, targets[:, None], -a)
+    q = torch.exp(logq, out=buffer())
+    diff = logq.sub_(logp)  # log q - log p
+    prod = torch.mul(q, diff, out=buffer())
+    stats[:, 1] = prod.sum(-1)
+    p = logp.exp_()
+    stats[:, 2] = -torch.mul(p, diff, out=prod).sum(-1)
+    if not want_grad:
+        return stats, None
+    if kl_coef and reverse:  # d KL(p||q)/dz = p * (log p - log q - KL): g = p * (a - c * (diff + KL))
+        g = torch.mul(p, diff.add_(stats[:, 2, None]).mul_(-kl_coef).add_(a), out=prod)
+    elif kl_coef:  # d KL(q||p)/dz = p - q: g = (a + c) * p - c * q
+        g = torch.mul(p, a + kl_coef, out=prod).sub_(q, alpha=kl_coef)
+    else:
+        g = torch.mul(p, a, out=prod)
+    return stats, g.scatter_add_(1, targets[:, None], -a)
 
 
-def chunk_grad(logp: torch.Tensor, targets: torch.Tensor, logq: torch.Tensor | None, stats: torch.Tensor,
+def chunk_stats(logp: torch.Tensor, targets: torch.Tensor, logq: torch.Tensor | None, dft_weight: bool) -> torch.Tensor:
+    """[c, 4] stats of one chunk from log-probs [c, V] (:func:`chunk_pass`, inputs left as they are)."""
+    return chunk_pass(logp.clone(), targets, None if logq is None else logq.clone(), dft_weight)[0]
+
+
+def chunk_grad(logp: torch.Tensor, targets: torch.Tensor, logq: torch.Tensor | None, dft_weight: bool,
                kl_coef: float, reverse: bool, grad_rows: torch.Tensor) -> torch.Tensor:
-    """d(row loss)/d(logits) of one chunk [c, V], scaled by the incoming row gradients."""
-    p = logp.exp()
-    # d(-a * log p_y)/dz = a * (p - onehot(y))
-    g = stats[:, 3, None] * p
-    g.scatter_add_(1, targets[:, None], -stats[:, 3, None])
-    if kl_coef:
-        if reverse:  # d KL(p||q)/dz = p * (log p - log q - KL)
-            g += kl_coef * p * (logp - logq - stats[:, 2, None])
-        else:  # d KL(q||p)/dz = p - q
-            g += kl_coef * (p - logq.exp())
+    """d(row loss)/d(logits) of one chunk [c, V], scaled by the incoming row gradients (inputs left as they are)."""
+    _stats, g = chunk_pass(logp.clone(), targets, None if logq is None else logq.clone(), dft_weight, kl_coef,
+                           reverse, want_grad=True)
     return g.mul_(grad_rows[:, None].to(g.dtype))
 
 
@@ -102,12 +129,12 @@ class _TokenLoss(torch.autograd.Function):
                 reverse: bool, chunk_rows: int):
         cdtype = _compute_dtype(flat_logits.dtype)
         stats = torch.cat([
-            chunk_stats(_TokenLoss._log_probs(flat_logits, rows[sl], cdtype), targets[sl],
-                        _TokenLoss._log_probs(flat_base, rows[sl], cdtype), dft_weight)
+            chunk_pass(_TokenLoss._log_probs(flat_logits, rows[sl], cdtype), targets[sl],
+                       _TokenLoss._log_probs(flat_base, rows[sl], cdtype), dft_weight)[0]
             for sl in chunks(rows.numel(), chunk_rows)
         ]) if rows.numel() else torch.zeros(0, 4, dtype=cdtype, device=flat_logits.device)
         ctx.save_for_backward(flat_logits, rows, targets, flat_base, stats)
-        ctx.kl_coef, ctx.reverse, ctx.chunk_rows = kl_coef, reverse, chunk_rows
+        ctx.kl_coef, ctx.reverse, ctx.chunk_rows, ctx.dft_weight = kl_coef, reverse, chunk_rows, dft_weight
         ctx.mark_non_differentiable(stats)
         return row_losses(stats, kl_coef, reverse), stats
 
@@ -118,7 +145,8 @@ class _TokenLoss(torch.autograd.Function):
         for sl in chunks(rows.numel(), ctx.chunk_rows):
             logp = _TokenLoss._log_probs(flat_logits, rows[sl], stats.dtype)
             logq = _TokenLoss._log_probs(flat_base, rows[sl], stats.dtype) if ctx.kl_coef else None
-            g = chunk_grad(logp, targets[sl], logq, stats[sl], ctx.kl_coef, ctx.reverse, grad_rows[sl])
+            _stats, g = chunk_pass(logp, targets[sl], logq, ctx.dft_weight, ctx.kl_coef, ctx.reverse, want_grad=True)
+            g.mul_(grad_rows[sl, None].to(g.dtype))
             grad_logits.index_copy_(0, rows[sl], g.to(flat_logits.dtype))
         return grad_logits, None, None, None, None, None, None, None
 

@@ -15,7 +15,9 @@ V vocabulary, b bytes of the compute dtype):
 * gathered units (fsdp2 / zero3) = 2 layers of the policy and of the base at b bytes: 2 * 2 * b * P / L;
 * activations = L * B*T*H * b (layer inputs kept by checkpointing) + 17 * B*T*H * b (one layer recomputed);
   without checkpointing L * 17 * B*T*H * b (Korthikanti et al. 2022, flash attention);
-* logits = B*T*V * (b + 4 + 4 [+ b]): policy logits, their fp32 copy and its gradient [+ base logits];
+* head = with the fused head (``train.fused_head``, the default; not under zero3): its fp32 chunk buffers
+  (4 * rows * V * 4, 256 MB by default) and the fp32 head-weight gradient it accumulates (V*H*4); on the logits
+  path B*T*V * (b + 4 + 4 [+ b]): policy logits, their fp32 copy and its gradient [+ base logits];
 * overhead = 2 GiB (CUDA context, NCCL buffers, allocator).
 
 GPU-hours = (6 + 2 [recompute] + 2 [base forward]) * P * tokens / (peak TFLOP/s * MFU), tokens counted at
@@ -40,6 +42,7 @@ from omegaconf import OmegaConf, open_dict
 
 from asft_repro.cli import OneLineParser
 from asft_repro.config import BASE_METHOD, Config, ConfigError, ModelArch, register_configs
+from asft_repro.fused_head import WORK_BUFFERS, auto_chunk_rows
 from asft_repro.rundir import FINAL_DIR, checkpoints, has_weights, read_record
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -101,6 +104,15 @@ def num_records(cfg: Config) -> int:
     return parse_size(d.size)
 
 
+def head_bytes(cfg: Config, arch: ModelArch, b: int, with_base: bool) -> float:
+    """The LM head's working memory: the fused head's chunks and fp32 weight gradient, or full [B, T, V] logits."""
+    t = cfg.train
+    if t.fused_head and t.strategy != "zero3":  # the trainer's default path (DeepSpeed falls back to logits)
+        rows = t.loss_chunk_rows or auto_chunk_rows(arch.vocab_size)
+        return WORK_BUFFERS * 4 * rows * arch.vocab_size + 4 * arch.vocab_size * arch.hidden_size
+    return t.per_device_batch_size * cfg.data.max_length * arch.vocab_size * (b + 4 + 4 + (b if with_base else 0))
+
+
 def memory_gb(cfg: Config, arch: ModelArch, world: int) -> dict[str, float]:
     """Per-GPU memory by component (GB), following the formula in this module's docstring."""
     t = cfg.train
@@ -111,7 +123,6 @@ def memory_gb(cfg: Config, arch: ModelArch, world: int) -> dict[str, float]:
     shards = world if t.strategy in ("fsdp2", "zero3") else 1
     with_base = (cfg.method.uses_kl or t.log_kl) and cfg.method.anchor != "cache"  # a cached anchor loads no base
     btH = t.per_device_batch_size * cfg.data.max_length * arch.hidden_size
-    btv = t.per_device_batch_size * cfg.data.max_length * arch.vocab_size
     acts = (arch.num_layers * btH * b + ACT_BYTES_PER_LAYER * btH * b if t.gradient_checkpointing
             else arch.num_layers * ACT_BYTES_PER_LAYER * btH * b)
     parts = {
@@ -119,7 +130,7 @@ def memory_gb(cfg: Config, arch: ModelArch, world: int) -> dict[str, float]:
         "base": b * params / shards if with_base else 0.0,
         "gathered": 2 * (2 if with_base else 1) * b * params / arch.num_layers if shards > 1 else 0.0,
         "activations": acts,
-        "logits": btv * (b + 4 + 4 + (b if with_base else 0)),
+        "head": head_bytes(cfg, arch, b, with_base),
         "overhead": OVERHEAD_BYTES,
     }
     gb = {k: v / 1e9 for k, v in parts.items()}

@@ -3,8 +3,8 @@
 python -m asft_repro.plots [--root outputs] [--experiment demo] [--out outputs/plots]
 
 Runs are identified by their config.yaml, never their directory name: one figure per (experiment,
-model, data, size), one line per run labelled by method (+ λ / KL direction when not the paper's,
-+ seed when a method has several, + "(collapsed)").
+model, data, size), one line per run labelled by method (+ λ / KL direction when not the paper's, + "cached anchor k=K"
+for method.anchor=cache, + seed when a method has several, + "(collapsed)").
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class PlotRun:
     run_dir: Path
     ident: dict
     collapsed: bool
+    anchor: str = ""  # "cached anchor k=128" for method.anchor=cache; "" for the resident base
 
     @property
     def figure_key(self) -> tuple[str, str, str, str]:
@@ -52,6 +53,8 @@ class PlotRun:
         parts = [METHOD_LABEL.get(i["method"], i["method"])]
         if i["method"] in KL_METHODS and not is_paper_kl(i["kl_coef"], i["kl_direction"]):
             parts += [f"λ={i['kl_coef']:g}", i["kl_direction"]]
+        if self.anchor:
+            parts.append(self.anchor)
         if with_seed:
             parts.append(f"s{i['seed']}")
         return " ".join(parts + (["(collapsed)"] if self.collapsed else []))
@@ -77,7 +80,9 @@ def find_runs(root: Path, experiment: str | None = None) -> list[PlotRun]:
             continue
         ident = run_identity(cfg, path.parent)
         if experiment is None or ident["experiment"] == experiment:
-            runs.append(PlotRun(path.parent, ident, bool(read_record(path.parent).get("collapsed"))))
+            method = cfg.get("method", {})
+            anchor = f"cached anchor k={method.get('anchor_k')}" if method.get("anchor") == "cache" else ""
+            runs.append(PlotRun(path.parent, ident, bool(read_record(path.parent).get("collapsed")), anchor))
     return runs
 
 

@@ -89,7 +89,10 @@ def run_variant(record: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
         identity = training_identity(cfg)
     except (KeyError, TypeError, ValueError):
         identity = record.get("identity") if isinstance(record.get("identity"), dict) else {}
-    return {k: v for k, v in identity.items() if k != "train.seed"}
+    variant = {k: v for k, v in identity.items() if k != "train.seed"}
+    if variant.get("method.name") != "base":  # the identity leaves the default out; a table beside cached-anchor
+        variant.setdefault("method.anchor", "exact")  # runs then reads "anchor=exact", not "anchor=-"
+    return variant
 
 
 def run_flag(record: dict[str, Any]) -> str:

@@ -115,7 +115,8 @@ def preflight(cfg: Config) -> None:
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     check_model_config(model_path, cfg.model.trust_remote_code)
     if cfg.method.name != BASE_METHOD:
-        dataset = load_train_dataset(cfg.data, tokenizer)  # bad / empty data, or max_length cutting every response
+        # bad / empty data, or max_length cutting every response
+        dataset = load_train_dataset(cfg.data, tokenizer, with_keys=uses_anchor_cache(cfg))
         if uses_anchor_cache(cfg):  # a missing, half-built, corrupt or mismatched cache fails here, before any write
             from asft_repro.anchor import find_anchor_cache
 
@@ -188,7 +189,7 @@ def train(cfg: Config, out: Path, plan: dict[str, Any]) -> Path:
     wants_base = (cfg.method.uses_kl or cfg.train.log_kl) and not uses_anchor_cache(cfg)
     base = load_model(model_path, cfg.model, tokenizer, dtype=base_dtype) if wants_base else None
     with args.main_process_first(desc="tokenising"):
-        dataset = load_train_dataset(cfg.data, tokenizer)
+        dataset = load_train_dataset(cfg.data, tokenizer, with_keys=uses_anchor_cache(cfg))
     anchor_cache = None
     if uses_anchor_cache(cfg):  # checked by rank 0's preflight (sha256 included); every rank maps the shards
         from asft_repro.anchor import find_anchor_cache

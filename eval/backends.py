@@ -249,7 +249,9 @@ class VLLMBackend:
     """
 
     def __init__(self, model_path: str, dtype: str = "bfloat16", tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float | None = None, seed: int = 0, max_model_len: int | None = None) -> None:
+                 gpu_memory_utilization: float | None = None, seed: int = 0, max_model_len: int | None = None,
+                 **engine_options: Any) -> None:
+        """``engine_options`` go to ``vllm.LLM`` as they are (e.g. ``max_logprobs`` for prompt log-probs)."""
         try:
             from vllm import LLM
         except ImportError as err:
@@ -267,14 +269,16 @@ class VLLMBackend:
                                    f"{_vllm_fix('head size')}")
         try:
             self.llm = LLM(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                           gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_model_len=max_model_len)
+                           gpu_memory_utilization=gpu_memory_utilization, seed=seed, max_model_len=max_model_len,
+                           **engine_options)
         except Exception as err:  # noqa: BLE001 - vLLM raises many types; the user gets one line
             raise _vllm_error(err, f"to start on {model_path}") from None
         _LIVE_ENGINES.append(self)
         tokenizer = self.llm.get_tokenizer()
         self.letter_ids = _LetterIds(lambda text: list(tokenizer.encode(text, add_special_tokens=False)))
 
-    def _run(self, prompts: list[str], params: Any, doing: str) -> list[Any]:
+    def run_requests(self, prompts: list[Any], params: Any, doing: str) -> list[Any]:
+        """``llm.generate`` on text or token prompts; a vLLM error becomes one line saying what it was ``doing``."""
         if getattr(self, "llm", None) is None:
             raise BackendError("this vLLM backend was closed; build a new one (make_backend)")
         try:
@@ -292,7 +296,7 @@ class VLLMBackend:
         sampled = seeds is not None and sampling.temperature > 0
         per_prompt = [params(seed) for seed in seeds] if sampled else params(sampling.seed)
         return [[Generated(c.text, c.finish_reason == "length") for c in r.outputs]
-                for r in self._run(prompts, per_prompt, "to generate")]
+                for r in self.run_requests(prompts, per_prompt, "to generate")]
 
     def choice_logprobs(self, prompts: list[str], letters: str) -> list[dict[str, float]]:
         """log p(" A"), ... of exactly those token ids (``logprob_token_ids``), one greedy token per prompt."""
@@ -305,7 +309,7 @@ class VLLMBackend:
             raise BackendError("this vLLM has no SamplingParams(logprob_token_ids=...), which letter scoring needs; "
                                "upgrade vllm, or use eval.backend=hf") from None
         out = []
-        for row, result in zip(ids, self._run(prompts, params, "to score letters")):
+        for row, result in zip(ids, self.run_requests(prompts, params, "to score letters")):
             first = result.outputs[0].logprobs[0] if result.outputs and result.outputs[0].logprobs else {}
             missing = [letter for letter, i in row.items() if i not in first]
             if missing:

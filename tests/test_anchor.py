@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def test_cache_round_trip_matches_the_base(anchor_data, tiny_model_path):
     assert all(sha256_file(folder / s["file"]) == s["sha256"] for s in manifest["shards"])
     cfg = _config(anchor_data)
     tokenizer = load_tokenizer(tiny_model_path)
-    dataset = load_train_dataset(cfg.data, tokenizer)
+    dataset = load_train_dataset(cfg.data, tokenizer, with_keys=True)
     cache = find_anchor_cache(cfg, dataset["record_key"])  # the 64 subset is served by the 256 subset's cache
     assert cache.folder == folder
     base = load_model(tiny_model_path, cfg.model, tokenizer).eval()
@@ -97,7 +98,7 @@ def test_mismatched_cache_is_refused_naming_the_build_command(anchor_data, tiny_
     def refusal(*overrides: str) -> str:
         cfg = _config(anchor_data, *overrides)
         with pytest.raises(ConfigError) as err:
-            find_anchor_cache(cfg, load_train_dataset(cfg.data, tokenizer)["record_key"])
+            find_anchor_cache(cfg, load_train_dataset(cfg.data, tokenizer, with_keys=True)["record_key"])
         message = str(err.value)
         assert "\n" not in message and "python -m asft_repro.anchor " in message and "; build it with" in message
         return message
@@ -138,7 +139,7 @@ def test_resume_of_a_half_built_cache(demo_data, tiny_model_path, tmp_path):
     (folder / "shard-00003.safetensors").rename(folder / "shard-00003.safetensors.tmp4242")
     manifest["shards"][3], manifest["complete"] = None, False
     (folder / MANIFEST).write_text(json.dumps(manifest))
-    keys = load_train_dataset(cfg.data, load_tokenizer(tiny_model_path))["record_key"]
+    keys = load_train_dataset(cfg.data, load_tokenizer(tiny_model_path), with_keys=True)["record_key"]
     with pytest.raises(ConfigError, match="is half-built; build it with"):
         find_anchor_cache(cfg, keys)
     lines: list[str] = []
@@ -164,6 +165,28 @@ def test_resume_of_a_half_built_cache(demo_data, tiny_model_path, tmp_path):
     # another records_per_shard would shard differently: refused, not mixed
     with pytest.raises(ConfigError, match="built with other settings"):
         build_anchor_cache(cfg, records_per_shard=8, log=lambda line: None)
+
+
+def test_a_second_build_of_the_same_cache_is_refused_while_one_runs(demo_data, tmp_path):
+    from asft_repro.anchor import build_anchor_cache
+    from asft_repro.rundir import LOCK_FILE, RunLock
+
+    shutil.copytree(demo_data / "numina_cot" / "64", tmp_path / "numina_cot" / "64")
+    cfg = _config(tmp_path)
+    folder = build_anchor_cache(cfg, records_per_shard=32, log=lambda line: None)
+    manifest = (folder / MANIFEST).read_text()
+    running = RunLock(folder)  # a live builder (this process) holds the folder
+    running.acquire()
+    try:
+        with pytest.raises(ConfigError, match="is being written by pid"):
+            build_anchor_cache(cfg, records_per_shard=32, log=lambda line: None)
+        assert (folder / MANIFEST).read_text() == manifest  # nothing touched
+    finally:
+        running.release()
+    (folder / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname()}))  # a dead builder
+    lines: list[str] = []
+    build_anchor_cache(cfg, records_per_shard=32, log=lines.append)
+    assert sum("complete, skipped" in line for line in lines) == 2 and not (folder / LOCK_FILE).exists()
 
 
 # ---- the estimator ------------------------------------------------------------------------------------
@@ -262,7 +285,7 @@ def test_topk_estimator_is_the_formula(k, reverse):
     assert torch.allclose(anchor_stats(logp, targets, terms, True), dense, rtol=1e-10, atol=1e-12)
     ones = torch.ones(n, dtype=torch.float64)
     assert torch.allclose(anchor_grad(logp, targets, terms, dense, 0.3, reverse, ones),
-                          chunk_grad(logp, targets, logq, dense, 0.3, reverse, ones), rtol=1e-8, atol=1e-13)
+                          chunk_grad(logp, targets, logq, True, 0.3, reverse, ones), rtol=1e-8, atol=1e-13)
 
 
 def test_logits_path_with_cache_equals_the_fused_path():

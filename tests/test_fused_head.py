@@ -138,8 +138,74 @@ def test_no_batch_by_sequence_by_vocab_tensor_is_ever_built():
     assert probe.largest < 4 * 64 * vocab / 8
 
 
+def _count_chunks(monkeypatch) -> list[int]:
+    """Counts calls of the per-chunk function (each one forms a chunk's logits and log-softmax)."""
+    import asft_repro.fused_head as fused_head
+
+    calls, original = [], fused_head._chunk
+    monkeypatch.setattr(fused_head, "_chunk", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("method,direction", [("asft", "forward"), ("asft", "reverse"), ("dft", "forward")])
+def test_summed_rows_are_computed_once_and_weighted_rows_recompute(method, direction, monkeypatch):
+    """The trainer's loss (rows summed, any scale) takes its gradient from the forward: no chunk twice. Rows weighted
+    unequally recompute the chunks in backward, and their gradients equal the full-logits path's."""
+    from asft_repro.losses import _TokenLoss, response_rows
+
+    policy, base = make_models(tied=True)
+    ids, mask, labels = make_batch(1)
+    enable_fused_head(policy)
+    calls = _count_chunks(monkeypatch)
+    with torch.no_grad():
+        base_hidden = response_hidden(base, ids, mask, labels)
+    request = FusedLoss(labels, method, base_hidden, base.lm_head, 0.3, direction, chunk_rows=5)
+    rows, _stats = policy(input_ids=ids, attention_mask=mask, from_hidden=request)
+    n_chunks = len(calls)
+    assert n_chunks == -(-rows.numel() // 5)
+    (rows.sum() / 7).backward()
+    assert len(calls) == n_chunks  # backward only scaled the forward's gradients
+
+    weights = torch.linspace(0.5, 2.0, rows.numel())
+    policy.zero_grad(set_to_none=True)
+    rows, _stats = policy(input_ids=ids, attention_mask=mask, from_hidden=request)
+    (rows * weights).sum().backward(retain_graph=True)
+    assert len(calls) == 3 * n_chunks  # forward, then the recomputation
+    fused_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    (rows * weights).sum().backward()  # a second backward through the same graph: the same gradients again
+    for name, param in policy.named_parameters():
+        assert torch.allclose(param.grad, 2 * fused_grads[name], rtol=1e-5, atol=1e-7), name
+
+    policy.zero_grad(set_to_none=True)
+    logits = policy(input_ids=ids, attention_mask=mask).logits
+    base_logits = base(input_ids=ids, attention_mask=mask).logits
+    flat_rows, targets = response_rows(labels)
+    vocab = logits.shape[-1]
+    ref_rows, _ = _TokenLoss.apply(logits.reshape(-1, vocab), flat_rows, targets, base_logits.reshape(-1, vocab),
+                                   method != "sft", 0.3 if method == "asft" else 0.0, direction == "reverse", 5)
+    (ref_rows * weights).sum().backward()
+    for name, param in policy.named_parameters():
+        scale = param.grad.abs().max().item() + 1e-12
+        assert (fused_grads[name] - param.grad).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_no_gradient_work_without_grad(monkeypatch):
+    import asft_repro.fused_head as fused_head
+
+    policy, base = make_models(tied=False)
+    ids, mask, labels = make_batch(1)
+    enable_fused_head(policy)
+    built = []
+    monkeypatch.setattr(fused_head._HeadGrads, "__init__", lambda self, *a: built.append(1) or None)
+    with torch.no_grad():
+        base_hidden = response_hidden(base, ids, mask, labels)
+        rows, stats = policy(input_ids=ids, attention_mask=mask,
+                             from_hidden=FusedLoss(labels, "asft", base_hidden, base.lm_head, chunk_rows=4))
+    assert not built and torch.isfinite(rows).all() and stats.shape == (rows.numel(), 4)
+
+
 def test_auto_chunk_fits_the_budget():
-    assert auto_chunk_rows(151936) == 73  # 256 MB of float32 work / (6 x 4 bytes x V)
+    assert auto_chunk_rows(151936) == 110  # 256 MB of float32 work / (4 buffers x 4 bytes x V)
     assert auto_chunk_rows(10) > 1000 and auto_chunk_rows(10**9) == 1
 
 

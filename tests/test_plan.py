@@ -22,11 +22,17 @@ def test_memory_follows_the_documented_formula():
     p, w, b, t, h, layers, v = 7.62e9, 8, 4, 2048, 3584, 28, 152064
     expected = {
         "policy+optim_GB": 16 * p / w, "base_GB": 2 * p / w, "gathered_GB": 2 * 2 * 2 * p / layers,
-        "activations_GB": layers * b * t * h * 2 + 17 * b * t * h * 2, "logits_GB": b * t * v * (2 + 4 + 4 + 2),
+        "activations_GB": layers * b * t * h * 2 + 17 * b * t * h * 2,
+        "head_GB": 4 * 4 * 110 * v + 4 * v * h,  # the fused head: 4 fp32 chunk buffers of 110 rows, fp32 head gradient
     }
     for key, value in expected.items():
         assert row[key] == pytest.approx(value / 1e9, abs=0.06), key
     assert row["mem_GB"] == pytest.approx(sum(expected.values()) / 1e9 + 2 * 1024 ** 3 / 1e9, abs=0.2)
+
+
+def test_logits_path_counts_full_logits():
+    row = plan(["experiment=math_asft_10k", "train.fused_head=false"], Hardware()).iloc[0]
+    assert row["head_GB"] == pytest.approx(4 * 2048 * 152064 * (2 + 4 + 4 + 2) / 1e9, abs=0.06)
 
 
 def test_over_budget_job_is_flagged_with_a_nonzero_exit(capsys):

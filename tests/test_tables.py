@@ -24,7 +24,7 @@ def make_run(root: Path, name: str, *, experiment: str = "exp", model: str = "qw
              data: str = "numina_cot", size: str = "10k", method: str = "sft", kl_coef: float = 0.05,
              direction: str = "forward", seed: int = 42, score: float = 10.0, temperatures: tuple[float, ...] = (0.0,),
              collapsed: bool = False, reason: str = "", curves: list[dict] | None = None, torn: bool = False,
-             benchmarks: list[str] | None = None, lr: float = 5e-5) -> Path:
+             benchmarks: list[str] | None = None, lr: float = 5e-5, anchor: str = "exact") -> Path:
     """One run dir exactly as the writers lay it out; every benchmark scores ``score``.
 
     One eval settings folder per temperature, the i-th adding i to the scores; the settings fingerprint the run's
@@ -34,11 +34,12 @@ def make_run(root: Path, name: str, *, experiment: str = "exp", model: str = "qw
     run.mkdir(parents=True)
     cfg = {"experiment_name": experiment, "model": {"name": model, "path": f"/models/{model}"},
            "data": {"name": data, "domain": domain, "size": size},
-           "method": {"name": method, "kl_coef": kl_coef, "kl_direction": direction},
+           "method": {"name": method, "kl_coef": kl_coef, "kl_direction": direction, "anchor": anchor, "anchor_k": 128},
            "train": {"seed": seed, "learning_rate": lr, "global_batch_size": 256}, "wandb": {"project": "asft-repro"}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     identity = {"model.name": model, "data.name": data, "data.size": size, "method.name": method, "train.seed": seed,
-                "train.learning_rate": lr, **({"method.kl_coef": kl_coef} if method in ("asft", "sft_kl") else {})}
+                "train.learning_rate": lr, **({"method.kl_coef": kl_coef} if method in ("asft", "sft_kl") else {}),
+                **({"method.anchor": anchor, "method.anchor_k": 128} if anchor == "cache" else {})}
     record = {"train_status": "complete", "config_hash": f"{abs(hash(name)) % 16**12:012x}", "identity": identity,
               "data_manifest": {"sha256": "0" * 64}}
     if collapsed:
@@ -264,6 +265,18 @@ def test_plot_labels_read_the_config(tmp_path):
     make_run(root, "c", method="dft", collapsed=True, curves=curve())
     labels = sorted(r.label(False) for r in find_runs(root))
     assert labels == ["ASFT", "ASFT λ=0.1 reverse", "DFT (collapsed)"]
+
+
+def test_cached_anchor_runs_are_told_apart_in_tables_and_plots(tmp_path):
+    from asft_repro.plots import find_runs
+
+    root = tmp_path / "outputs"
+    make_run(root, "exact", method="asft", score=10.0, curves=curve())
+    make_run(root, "cached", method="asft", anchor="cache", score=12.0, curves=curve())
+    assert sorted(r.label(False) for r in find_runs(root)) == ["ASFT", "ASFT cached anchor k=128"]
+    frame = tables_of(root, tmp_path)["table1_math_exp_qwen2.5-7b"].frame
+    assert sorted(frame.index) == ["10k ASFT anchor=cache anchor_k=128", "10k ASFT anchor=exact anchor_k=-"]
+    assert frame.loc["10k ASFT anchor=cache anchor_k=128", "Math Avg"] == pytest.approx(12.0)
 
 
 def test_plots_cli_errors_are_one_line(tmp_path):

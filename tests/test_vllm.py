@@ -13,13 +13,16 @@ process (vLLM spawns workers, which re-import ``__main__``): this file itself, r
   model fails in one line;
 * an OpenAI-compatible vLLM server started here on 127.0.0.1 (and always stopped): the openai backend's
   greedy outputs and letter log-probs equal HF's (letter ids from a local tokenizer or the server's
-  /tokenize), its HTTP 404 carries the server's message, and ``eval.run eval.backend=openai`` gives HF's records.
+  /tokenize), its HTTP 404 carries the server's message, and ``eval.run eval.backend=openai`` gives HF's records;
+* ``python -m asft_repro.anchor anchor.backend=vllm``: the same anchor cache (keys, rows, top-k ids, log-probs,
+  remaining mass) as ``anchor.backend=hf``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +31,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.vllm
@@ -315,6 +319,30 @@ def test_eval_run_with_openai_backend_gives_hf_records(server, model32, demo_dat
                               "eval.backend=openai", f"eval.server_url={server}", "eval.request_concurrency=4")
     assert code == 0, _tail(tmp_path / "log")
     _same_records(records, hf_records)
+
+
+# -- the anchor cache from vLLM prompt log-probs -------------------------------------------------------------
+def test_anchor_cache_from_vllm_matches_the_hf_build(model32, demo_data, tmp_path):
+    from asft_repro.anchor_cache import read_manifest, read_shard
+
+    folders = {}
+    for backend in ("hf", "vllm"):
+        root = tmp_path / backend
+        shutil.copytree(demo_data / "numina_cot" / "64", root / "numina_cot" / "64")
+        cmd = [sys.executable, "-m", "asft_repro.anchor", "experiment=demo", f"model.path={model32}",
+               f"data.data_dir={root}", "data.size=64", "anchor.k=32", f"anchor.backend={backend}",
+               "anchor.records_per_shard=40", "anchor.dtype=float32"]
+        log = tmp_path / f"{backend}.log"
+        assert _run(cmd, log).returncode == 0, _tail(log)
+        (folders[backend],) = (root / "numina_cot" / "64" / "anchor").iterdir()
+    hf, vllm = (read_manifest(folders[b]) for b in ("hf", "vllm"))
+    assert hf["complete"] and vllm["complete"] and vllm["backend"] == "vllm" and hf["rows"] == vllm["rows"] > 1000
+    for number in range(hf["num_shards"]):
+        want, got = (read_shard(folders[b] / f"shard-{number:05d}.safetensors") for b in ("hf", "vllm"))
+        assert (got["keys"] == want["keys"]).all() and (got["offsets"] == want["offsets"]).all()
+        assert (got["ids"][:, :8] == want["ids"][:, :8]).mean() > 0.99  # the same top tokens (near-ties may swap)
+        assert np.allclose(got["logprobs"], want["logprobs"], rtol=2e-3, atol=1e-3)  # one fp16 step apart at most
+        assert np.abs(got["log_rest"] - want["log_rest"]).max() < 1e-3
 
 
 if __name__ == "__main__":
