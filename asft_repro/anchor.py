@@ -20,7 +20,6 @@ exact one (value and gradient w.r.t. the logits) for several k.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -32,9 +31,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from asft_repro.anchor_cache import (FORMAT, FORMAT_VERSION, MANIFEST, SHARD_PATTERN, AnchorCache, AnchorCacheError,
-                                     AnchorRows, complete_log_probs, read_manifest, sha256_file, topk_rows,
-                                     write_json_atomic, write_shard)
+                                     AnchorRows, complete_log_probs, read_manifest, topk_rows, write_shard)
 from asft_repro.config import Config, ConfigError
+from asft_repro.files import sha256_file, write_json_atomic
 from asft_repro.losses import IGNORE_INDEX
 from asft_repro.rundir import RunDirError, RunLock
 

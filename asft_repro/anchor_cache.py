@@ -27,7 +27,6 @@ k >= V the cache holds the whole distribution and both directions are exact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from asft_repro.files import sha256_file
 
 FORMAT = "asft-anchor-topk"
 FORMAT_VERSION = 1
@@ -223,14 +224,6 @@ def topk_rows(base_logits: torch.Tensor, k: int) -> AnchorRows:
 
 # ---- the shard files (safetensors, read back memory-mapped) ----------------------------------------
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shard(path: Path, keys: Sequence[int], row_counts: Sequence[int], rows: AnchorRows) -> dict:
     """Write one shard to a temp name, then rename it into place; returns its manifest entry."""
     from safetensors.numpy import save_file
@@ -272,10 +265,6 @@ def read_shard(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -340,8 +329,8 @@ class AnchorCache:
         ids = np.concatenate([s["ids"][b:e] for s, b, e in parts]) if parts else np.zeros((0, self.k), np.int32)
         logprobs = np.concatenate([s["logprobs"][b:e] for s, b, e in parts]) if parts else np.zeros((0, self.k), np.float16)
         rest = np.concatenate([s["log_rest"][b:e] for s, b, e in parts]) if parts else np.zeros(0, np.float32)
-        return AnchorRows(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(logprobs.astype(np.float32)),
-                          torch.from_numpy(np.ascontiguousarray(rest)))
+        # stored dtypes (int32, float16): AnchorRows.to widens the ids on the device, the loss upcasts per chunk
+        return AnchorRows(torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(np.ascontiguousarray(rest)))
 
 
 class MemoryAnchor:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from omegaconf import OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

@@ -7,7 +7,7 @@ A typo in a key or a value of the wrong type fails at composition; bad values
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf

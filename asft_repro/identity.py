@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-KL_METHODS = ("asft", "sft_kl")
+from asft_repro.losses import KL_METHOD_NAMES as KL_METHODS
 # Keys that do not change what is trained (paths, bookkeeping, how the work is laid out).
 NON_TRAINING_KEYS = frozenset({
     "data.data_dir", "train.resume", "train.report_to", "train.logging_steps", "train.save_strategy",

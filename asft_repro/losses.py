@@ -44,6 +44,7 @@ class KLDirection(str, Enum):
 
 
 METHODS_WITH_KL = {Method.asft, Method.sft_kl}
+KL_METHOD_NAMES = tuple(sorted(m.value for m in METHODS_WITH_KL))  # as configs, run.json and tables spell them
 METHODS_WITH_DFT_WEIGHT = {Method.dft, Method.asft}
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asft_repro.files import write_json_atomic
 from asft_repro.identity import identity_diff
 from asft_repro.jsonl import read_jsonl
 
@@ -43,10 +44,7 @@ def read_record(out: Path) -> dict[str, Any]:
 
 def write_record(out: Path, **fields: Any) -> None:
     """Merge ``fields`` into run.json atomically (a unique temp file, then rename)."""
-    record = {**read_record(out), **fields}
-    tmp = out / f"{RUN_RECORD}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(out / RUN_RECORD)
+    write_json_atomic(out / RUN_RECORD, {**read_record(out), **fields})
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------

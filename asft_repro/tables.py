@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from asft_repro.cli import OneLineParser
-from asft_repro.identity import flatten, training_identity
+from asft_repro.identity import KL_METHODS, flatten, training_identity
 from asft_repro.paper import AVG_COLUMN, PAPER_MODELS, is_paper_kl, paper_average
 
 BENCHMARKS: dict[str, list[tuple[str, str]]] = {
@@ -37,7 +37,6 @@ BENCHMARKS: dict[str, list[tuple[str, str]]] = {
 }
 METHOD_ORDER = ["base", "sft", "dft", "asft", "sft_kl"]
 METHOD_LABEL = {"base": "Base", "sft": "SFT", "dft": "DFT", "asft": "ASFT", "sft_kl": "SFT+KL"}
-KL_METHODS = ("asft", "sft_kl")
 CELL_KEY = ["experiment", "model", "domain", "data", "size", "method", "kl_coef", "kl_direction", "variant",
             "eval_key", "flag"]
 DASH = "-"

@@ -8,7 +8,6 @@ place only once the whole prep has succeeded, so a failed prep leaves nothing be
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -19,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from asft_repro.files import sha256_file
 from data_prep.sources import PrepError
 
 FORMAT_VERSION = 1
@@ -30,14 +30,6 @@ def parse_size(size: str | int) -> int:
     if not match:
         raise PrepError(f"bad size '{size}'; use a count like 256, 10k or 1m")
     return int(match.group(1)) * {"": 1, "k": 1000, "m": 1_000_000}[match.group(2).lower()]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def format_all(rows: Iterable[dict], formatter: Callable[[dict, int], dict | str]) -> tuple[list[dict], Counter]:

@@ -49,6 +49,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from asft_repro.config import ConfigError
+from asft_repro.files import write_json_atomic
 from asft_repro.jsonl import append_jsonl, read_jsonl
 from asft_repro.prompts import LETTERS, render_mcq, render_mcq_scoring, render_prompt, stop_strings, truncate_at_stop
 from eval.backends import GenerationBackend, Sampling, make_backend
@@ -329,12 +330,6 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def gpu_ids(cuda_visible_devices: str | None, count: int) -> list[str]:
     """The ids a child's CUDA_VISIBLE_DEVICES should use for the ``count`` GPUs this process sees."""
     if cuda_visible_devices is None:
@@ -517,7 +512,7 @@ def evaluate(cfg: Any, model_path: str, eval_root: Path, benchmarks: list[str] |
         check_mc_mode(ecfg, names, backend)
         tokenizer = _tokenizer(backend, template, model_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "settings.json", settings)
+    write_json_atomic(out_dir / "settings.json", settings)
     if len(plan) == 1:
         scores = {}
         try:
@@ -536,7 +531,7 @@ def evaluate(cfg: Any, model_path: str, eval_root: Path, benchmarks: list[str] |
         "sampling": {**{k: getattr(ecfg, k) for k in ("backend", "mc_mode", *SAMPLING_KEYS)}, "stop": settings["stop"]},
         "template": template, "benchmark_sha256": {m: h for _items, hashes in loaded.values() for m, h in hashes.items()},
     }
-    _write_json(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / "metrics.json", metrics)
     summary = ", ".join(f"{k} {v['accuracy']:.1f}" for k, v in scores.items() if v["accuracy"] is not None)
     print(f"[eval] {model_path} -> {out_dir}: {summary}")
     return metrics

@@ -16,9 +16,10 @@ import torch
 from omegaconf import OmegaConf
 
 from asft_repro.anchor_cache import (MANIFEST, AnchorRows, anchor_grad, anchor_stats, anchor_terms, complete_log_probs,
-                                     completed_base_logits, read_manifest, read_shard, sha256_file, topk_rows)
+                                     completed_base_logits, read_manifest, read_shard, topk_rows)
 from asft_repro.config import ConfigError
 from asft_repro.fused_head import FusedLoss, enable_fused_head, response_hidden
+from asft_repro.files import sha256_file
 from asft_repro.losses import IGNORE_INDEX, chunk_grad, chunk_stats, loss_and_token_sums, summarize, token_stats
 from conftest import ROOT, compose_config
 from test_fused_head import VOCAB, make_batch, make_models

@@ -4,7 +4,6 @@ paper's medical fallback, MedMCQA explanations, the released chichi56/ASFT files
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import datasets
 import pytest
