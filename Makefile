@@ -25,6 +25,7 @@ demo: demo-data    ## prep -> train base/SFT/DFT/ASFT (math + medical) -> eval -
 	$(PY) -m asft_repro.train -m experiment=demo method=base,sft,dft,asft data=demo_math,demo_medical train.resume=true
 	$(PY) -m asft_repro.tables --root $(OUT) --experiment demo
 	$(PY) -m asft_repro.plots --root $(OUT) --experiment demo
+	$(PY) -m asft_repro.report --root $(OUT) --experiment demo
 
 anchor-demo: demo-data   ## ASFT, resident base vs its cached top-k anchor, 2 seeds each: KL curves and scores side by side
 	$(PY) -m asft_repro.anchor experiment=anchor_demo
@@ -64,7 +65,7 @@ bench: setup
 	$(PY) -m asft_repro.bench
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15   # a worker per core, a file per worker at a time; the 15 slowest tests stay visible
 
 clean-demo:
 	rm -rf $(OUT)/demo $(OUT)/tables/demo data/demo
@@ -88,3 +89,31 @@ test-vllm: .venv-vllm/.installed   ## the vllm-marked tests (tests/test_vllm.py)
 	$(VLLM_PY) -m pip install -q -r .venv-vllm/project-requirements.txt   # the project's pure-Python dependencies
 	$(VLLM_PY) -m pip install -q -e . --no-deps
 	touch $@
+
+# The reproduction report (asft_repro/report.py): one self-contained HTML page per experiment, and its browser test.
+.PHONY: report test-report
+report:            ## outputs/reports/$(EXPERIMENT)/index.html: Table 1 with intervals, comparisons, KL drift, runs, samples
+	$(PY) -m asft_repro.report --root $(OUT) --experiment $(EXPERIMENT)
+
+test-report: setup   ## the report in headless Chromium (Debian's chromium, installed here when missing; CI runs as root)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(PY) -m pytest -q -m browser tests/test_report_browser.py
+
+# λ schedules (method.kl_schedule, docs/lambda_schedule.md): adaptive λ holding KL(base || policy) at two targets,
+# two seeds each, beside plain ASFT (constant λ=0.05) on the tiny model; prints each run's second-half mean KL
+# against its target and draws the figure. About 3 minutes on 2 CPU cores.
+.PHONY: schedule-demo
+schedule-demo: demo-data   ## adaptive λ on the tiny model: the KL-vs-target check and docs/lambda_schedule_demo.png
+	$(PY) -m asft_repro.train -m experiment=schedule_demo method.kl_target=0.1,0.3 train.seed=42,43 train.resume=true
+	$(PY) -m asft_repro.train experiment=schedule_demo method.kl_schedule=constant method.kl_coef=0.05 method.kl_target=null train.resume=true
+	$(PY) -m asft_repro.schedule_demo --root $(OUT) --experiment schedule_demo --figure docs/lambda_schedule_demo.png
+
+# Issue 17: FSDP2 as a cluster runs it (docs/scale.md). gpu-check accepts a CUDA machine in < 10 minutes, offline:
+# a 7B-shaped random model, bf16 fsdp2 on 1 and all GPUs, fused vs logits, kill/resume, eval (vLLM if installed),
+# the vLLM anchor, memory vs the plan, tokens/s and MFU -> outputs/gpu_check/summary.{json,md}; exits 1 without CUDA.
+.PHONY: gpu-check plan-measure
+gpu-check: setup
+	$(PY) -m asft_repro.gpu_check --out $(OUT)/gpu_check
+
+plan-measure: setup   ## the plan's memory formula against measured peaks (2 CPU ranks here; GPUs where CUDA is)
+	$(PY) -m asft_repro.memcheck

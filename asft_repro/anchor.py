@@ -3,15 +3,17 @@
     python -m asft_repro.anchor experiment=math_asft_100k [anchor.k=128] [anchor.batch_size=8]
         [anchor.records_per_shard=512] [anchor.backend=hf|vllm] [anchor.device=cpu|cuda] [anchor.dtype=auto]
         [anchor.tensor_parallel_size=1]
+    python -m asft_repro.anchor -m experiment=table1_math data.size=10k,100k     # a Hydra sweep: one cache per cell
     python -m asft_repro.anchor --error-table [--vocabs 640,32000,151936] [--ks 8,32,128,512]
 
-The overrides are those of training (conf/config.yaml is composed), so model, data, template and max length come
-from the run config; ``anchor.k`` defaults to ``method.anchor_k``. The base model's next-token distribution at
-every response position (the rows :func:`asft_repro.losses.response_rows` selects) is written, truncated to its
-top k tokens plus the remaining mass, to ``<data folder>/anchor/<model name>-<fingerprint>-k<k>/`` (format:
-:mod:`asft_repro.anchor_cache`). Records are keyed by a hash of their token ids, so the cache of a 100k subset
-serves its nested 30k and 10k subsets. The build is resumable: complete shards are skipped, a half-built cache
-resumes, one line is printed per shard.
+A Hydra entry point like training: the same config (conf/config.yaml) is composed, so model, data, template and
+max length come from the run config, and the build's own settings are the ``anchor`` section
+(:class:`asft_repro.config.AnchorConfig`; ``anchor.k`` defaults to ``method.anchor_k``). The base model's
+next-token distribution at every response position (the rows :func:`asft_repro.losses.response_rows` selects) is
+written, truncated to its top k tokens plus the remaining mass, to
+``<data folder>/anchor/<model name>-<fingerprint>-k<k>/`` (format: :mod:`asft_repro.anchor_cache`). Records are
+keyed by a hash of their token ids, so the cache of a 100k subset serves its nested 30k and 10k subsets. The
+build is resumable: complete shards are skipped, a half-built cache resumes, one line is logged per shard.
 
 Training reads it with ``method.anchor=cache`` (no base model is loaded); :func:`find_anchor_cache` refuses a cache
 built for another model, template, max length, k or data. ``--error-table`` measures the cached KL against the
@@ -20,75 +22,53 @@ exact one (value and gradient w.r.t. the logits) for several k.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
+import logging
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
+import hydra
 import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from asft_repro.anchor_cache import (FORMAT, FORMAT_VERSION, MANIFEST, SHARD_PATTERN, AnchorCache, AnchorCacheError,
                                      AnchorRows, complete_log_probs, read_manifest, topk_rows, write_shard)
-from asft_repro.config import Config, ConfigError
-from asft_repro.files import sha256_file, write_json_atomic
-from asft_repro.losses import IGNORE_INDEX
+from asft_repro.cli import OneLineParser, hydra_task, run_cli
+from asft_repro.config import Config, ConfigError, register_configs
+from asft_repro.data import PadCollator, data_manifest, load_train_dataset, train_file
+from asft_repro.files import model_fingerprint, sha256_file, short_hash, write_json_atomic
+from asft_repro.fused_head import auto_chunk_rows, head_weight, logits_rows, response_hidden, supports_fused_head
+from asft_repro.identity import task_overrides
+from asft_repro.losses import IGNORE_INDEX, chunk_grad, chunk_stats, chunks, response_rows
+from asft_repro.modeling import DTYPES, dtype_name, load_model, load_tokenizer, resolve_path, weight_dtypes
+from asft_repro.paths import CONF_DIR
 from asft_repro.rundir import RunDirError, RunLock
+from asft_repro.tiny_model import corpus_texts, ensure_tiny_model
+from eval.backends import VLLMBackend
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 PROG = "asft_repro.anchor"
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
-ANCHOR_KEYS = {"k": int, "batch_size": int, "records_per_shard": int, "backend": str, "device": str, "dtype": str,
-               "tensor_parallel_size": int}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
+register_configs()
 
 
 # ---- what a cache is for -------------------------------------------------------------------------
 
-def model_fingerprint(path: str) -> dict[str, Any]:
-    """A local folder: names and sizes of its weight files and the sha256 of config.json; a hub id: id + revision."""
-    folder = Path(path)
-    if folder.is_dir():
-        weights = {p.name: p.stat().st_size for pattern in WEIGHT_PATTERNS for p in sorted(folder.glob(pattern)) if p.is_file()}
-        config = folder / "config.json"
-        return {"weights": dict(sorted(weights.items())), "config_sha256": sha256_file(config) if config.exists() else None}
-    revision = None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(path, "config.json")
-        if isinstance(cached, str):
-            revision = Path(cached).parent.name  # .../snapshots/<commit>/config.json
-    except Exception:  # noqa: BLE001 - no hub library or cache: the id alone
-        pass
-    return {"hub_id": path, "revision": revision}
-
-
-def _short_hash(payload: Any, n: int = 12) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
 def data_sha256(cfg: Config) -> str:
     """The data manifest's sha256 (``python -m data_prep``), else the training file's own."""
-    from asft_repro.data import data_manifest, train_file
-
     return data_manifest(cfg.data).get("sha256") or sha256_file(train_file(cfg.data))
 
 
 def base_dtype_name(cfg: Config) -> str:
     """The dtype the exact anchor runs the base in (train.precision's half type, fp32 without mixed precision)."""
-    from asft_repro.train import weight_dtypes
-
-    dtype = weight_dtypes(cfg)[1]
-    return next(name for name, value in DTYPES.items() if value == dtype)
+    return dtype_name(weight_dtypes(cfg)[1])
 
 
 def cache_settings(cfg: Config, k: int, dtype: str) -> dict[str, Any]:
     """What a cache must agree on with a run (model, template, max length, k) plus how it was built (dtype)."""
-    from asft_repro.modeling import resolve_path
-
     path = resolve_path(cfg.model)
     return {"model": {"name": cfg.model.name, "path": path, "fingerprint": model_fingerprint(path)},
             "template": cfg.data.template, "max_length": cfg.data.max_length, "k": k, "dtype": dtype}
@@ -96,23 +76,19 @@ def cache_settings(cfg: Config, k: int, dtype: str) -> dict[str, Any]:
 
 def cache_folder(cfg: Config, settings: dict[str, Any]) -> Path:
     """``<data folder>/anchor/<model name>-<fingerprint>-k<k>``; the fingerprint covers weights, template, length, dtype."""
-    from asft_repro.data import train_file
-
-    tag = _short_hash([settings["model"]["fingerprint"], settings["template"], settings["max_length"], settings["dtype"]], 10)
+    tag = short_hash([settings["model"]["fingerprint"], settings["template"], settings["max_length"], settings["dtype"]], 10)
     return train_file(cfg.data).parent / "anchor" / f"{cfg.model.name}-{tag}-k{settings['k']}"
 
 
 def build_command(cfg: Config, k: int) -> str:
     """The command that builds the cache a run needs (the run's own overrides when it has them)."""
-    from asft_repro.identity import task_overrides
-
-    overrides = [o for o in task_overrides() if not o.startswith(("method.anchor=", "hydra"))]
+    overrides = [o for o in task_overrides() if not o.startswith(("method.anchor=", "hydra", "train.", "eval."))]
     if not overrides:
         data = ([f"data.train_file={cfg.data.train_file}"] if cfg.data.train_file else
                 [f"data.data_dir={cfg.data.data_dir}", f"data.name={cfg.data.name}", f"data.size={cfg.data.size}"])
         overrides = [f"model.name={cfg.model.name}", f"model.path={cfg.model.path}", *data,
                      f"data.template={cfg.data.template}", f"data.max_length={cfg.data.max_length}"]
-    if not any(o.startswith("method.anchor_k=") for o in overrides):
+    if not any(o.startswith(("method.anchor_k=", "anchor.k=")) for o in overrides):
         overrides.append(f"anchor.k={k}")
     return f"python -m {PROG} " + " ".join(overrides)
 
@@ -121,8 +97,6 @@ def build_command(cfg: Config, k: int) -> str:
 
 def _candidates(cfg: Config) -> list[Path]:
     """Cache folders next to the run's data, then (prepared subsets) next to its sibling subsets, which nest."""
-    from asft_repro.data import train_file
-
     own = train_file(cfg.data).parent
     roots = [own / "anchor"]
     if not cfg.data.train_file and own.parent.is_dir():
@@ -187,10 +161,6 @@ def hf_rows(model: torch.nn.Module, records: list[dict], k: int, pad_token_id: i
             device: torch.device | str) -> list[AnchorRows]:
     """Per record, the base's top-k rows, from a batched no-grad forward (the fused head's response rows when the
     model has a plain linear head, full logits otherwise). Records are batched by length to limit padding."""
-    from asft_repro.data import PadCollator
-    from asft_repro.fused_head import (_logits, auto_chunk_rows, head_weight, response_hidden, supports_fused_head)
-    from asft_repro.losses import chunks, response_rows
-
     collate = PadCollator(pad_token_id)
     fused = supports_fused_head(model)
     order = sorted(range(len(records)), key=lambda i: -len(records[i]["input_ids"]))
@@ -205,7 +175,7 @@ def hf_rows(model: torch.nn.Module, records: list[dict], k: int, pad_token_id: i
                 hidden = response_hidden(model, ids, mask, labels)
                 weight, bias = head_weight(model.get_output_embeddings())
                 for sl in chunks(hidden.shape[0], auto_chunk_rows(weight.shape[0])):
-                    parts.append(topk_rows(_logits(hidden[sl], weight, bias, torch.float32), k))
+                    parts.append(topk_rows(logits_rows(hidden[sl], weight, bias, torch.float32), k))
             else:
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 rows, _ = response_rows(labels)
@@ -265,36 +235,22 @@ def unique_records(dataset: Any) -> list[dict]:
     return records
 
 
-def build_anchor_cache(cfg: Config, k: int | None = None, batch_size: int = 8, records_per_shard: int = 512,
-                       backend: str = "hf", device: str | None = None, dtype: str = "auto",
-                       tensor_parallel_size: int = 1, log: Callable[[str], None] = print) -> Path:
-    """Build (or resume) the anchor cache of ``cfg``'s base model and training data; returns its folder."""
-    from asft_repro.data import load_train_dataset
-    from asft_repro.modeling import load_tokenizer, resolve_path
-
-    k = k or cfg.method.anchor_k
-    if backend not in ("hf", "vllm"):
-        raise ConfigError(f"anchor.backend={backend!r} is not known; use hf or vllm")
-    dtype = base_dtype_name(cfg) if dtype == "auto" else dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"anchor.dtype={dtype!r} is not known; use auto, {', '.join(DTYPES)}")
-    if k < 1 or batch_size < 1 or records_per_shard < 1:
-        raise ConfigError(f"anchor.k={k}, anchor.batch_size={batch_size}, anchor.records_per_shard={records_per_shard}: "
-                          f"each must be 1 or more")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+def build_anchor_cache(cfg: Config) -> Path:
+    """Build (or resume) the anchor cache of ``cfg``'s base model and training data (settings: ``cfg.anchor``);
+    returns its folder."""
+    opts = cfg.anchor
+    k = opts.k or cfg.method.anchor_k
+    dtype = base_dtype_name(cfg) if opts.dtype == "auto" else opts.dtype
     model_path = resolve_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     records = unique_records(load_train_dataset(cfg.data, tokenizer, with_keys=True))
     settings = cache_settings(cfg, k, dtype)
     folder = cache_folder(cfg, settings)
-    from transformers import AutoConfig
-
     vocab = max(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code).vocab_size,
                 len(tokenizer))
-    n_shards = max(1, math.ceil(len(records) / records_per_shard))
     core = {"format": FORMAT, "version": FORMAT_VERSION, **settings, "vocab_size": vocab,
-            "data": {"sha256": data_sha256(cfg)}, "records": len(records),
-            "records_per_shard": records_per_shard, "num_shards": n_shards}
+            "data": {"sha256": data_sha256(cfg)}, "records": len(records), "records_per_shard": opts.records_per_shard,
+            "num_shards": max(1, math.ceil(len(records) / opts.records_per_shard))}
     folder.mkdir(parents=True, exist_ok=True)
     lock = RunLock(folder)  # one builder per cache folder: a second one is refused, a dead one's lock taken over
     try:
@@ -302,19 +258,14 @@ def build_anchor_cache(cfg: Config, k: int | None = None, batch_size: int = 8, r
     except RunDirError as err:
         raise ConfigError(str(err)) from None
     try:
-        return _build_locked(cfg, folder, core, k, batch_size, records_per_shard, backend, device, dtype,
-                             tensor_parallel_size, records, model_path, tokenizer, log)
+        manifest = _open_manifest(cfg, folder, core, k)
+        return _write_shards(cfg, folder, manifest, records, tokenizer)
     finally:
         lock.release()
 
 
-def _build_locked(cfg: Config, folder: Path, core: dict[str, Any], k: int, batch_size: int, records_per_shard: int,
-                  backend: str, device: str, dtype: str, tensor_parallel_size: int, records: list[dict],
-                  model_path: str, tokenizer: Any, log: Callable[[str], None]) -> Path:
-    """The build itself, with the folder's lock held: check or start the manifest, then write missing shards."""
-    from asft_repro.data import train_file
-
-    n_shards = core["num_shards"]
+def _open_manifest(cfg: Config, folder: Path, core: dict[str, Any], k: int) -> dict[str, Any]:
+    """The folder's manifest, checked against this build's settings (or a fresh one), marked incomplete."""
     manifest = read_manifest(folder)
     if manifest:
         def comparable(node: dict) -> dict:  # the model's weights count, not where the folder is
@@ -326,37 +277,45 @@ def _build_locked(cfg: Config, folder: Path, core: dict[str, Any], k: int, batch
             raise ConfigError(f"{folder} holds an anchor cache built with other settings (differs in: {', '.join(differs)}); "
                               f"delete that folder, or rerun with the settings it was built with")
     else:
-        manifest = {**core, "shards": [None] * n_shards, "complete": False}
+        manifest = {**core, "shards": [None] * core["num_shards"], "complete": False}
     manifest["command"] = build_command(cfg, k)
     manifest["data_file"] = str(train_file(cfg.data))  # where it was built from (not checked: the sha256 is)
-    manifest["backend"] = manifest.get("backend") or backend
+    manifest["backend"] = manifest.get("backend") or cfg.anchor.backend
     manifest["complete"] = False  # until every shard is checked or written (a reader refuses it meanwhile)
     for stale in folder.glob("*.tmp*"):  # a killed build's half-written shard or manifest
         stale.unlink()
     write_json_atomic(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _write_shards(cfg: Config, folder: Path, manifest: dict[str, Any], records: list[dict], tokenizer: Any) -> Path:
+    """Write every shard the manifest does not list as complete (sha256 checked), then mark the cache complete."""
+    opts, k, n_shards, per_shard = cfg.anchor, manifest["k"], manifest["num_shards"], manifest["records_per_shard"]
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine: Any = None
-    log(f"[{PROG}] {folder}: {len(records)} records in {n_shards} shards, k={k}, {backend} on {device} ({dtype})")
+    log.info("%s: %d records in %d shards, k=%d, %s on %s (%s)", folder, len(records), n_shards, k, opts.backend,
+             device, manifest["dtype"])
     try:
         for number in range(n_shards):
             path = folder / SHARD_PATTERN.format(number)
             entry = manifest["shards"][number]
             if entry and path.exists() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]:
-                log(f"[{PROG}] shard {number + 1}/{n_shards}: complete, skipped")
+                log.info("shard %d/%d: complete, skipped", number + 1, n_shards)
                 continue
             start = time.perf_counter()
-            chunk = records[number * records_per_shard:(number + 1) * records_per_shard]
+            chunk = records[number * per_shard:(number + 1) * per_shard]
             if engine is None:
-                engine = _load_engine(cfg, model_path, tokenizer, backend, device, dtype, k, tensor_parallel_size)
-            if backend == "vllm":
+                engine = _load_engine(cfg, tokenizer, manifest["dtype"], k, device)
+            if opts.backend == "vllm":
                 per_record = vllm_rows(engine, chunk, k)
             else:
-                per_record = hf_rows(engine, chunk, k, tokenizer.pad_token_id, batch_size, device)
+                per_record = hf_rows(engine, chunk, k, tokenizer.pad_token_id, opts.batch_size, device)
             rows = AnchorRows(*(torch.cat([getattr(r, f) for r in per_record]) for f in ("ids", "logprobs", "log_rest")))
             entry = write_shard(path, [r["record_key"] for r in chunk], [len(r) for r in per_record], rows)
             manifest["shards"][number] = entry
             write_json_atomic(folder / MANIFEST, manifest)
-            log(f"[{PROG}] shard {number + 1}/{n_shards}: {entry['records']} records, {entry['rows']} rows, "
-                f"{entry['bytes'] / 2**20:.1f} MB, {time.perf_counter() - start:.1f} s")
+            log.info("shard %d/%d: %d records, %d rows, %.1f MB, %.1f s", number + 1, n_shards, entry["records"],
+                     entry["rows"], entry["bytes"] / 2**20, time.perf_counter() - start)
     finally:
         if hasattr(engine, "close"):  # a vLLM engine's worker processes and memory
             engine.close()
@@ -364,24 +323,20 @@ def _build_locked(cfg: Config, folder: Path, core: dict[str, Any], k: int, batch
     manifest["rows"] = sum(e["rows"] for e in manifest["shards"])
     manifest["bytes"] = sum(e["bytes"] for e in manifest["shards"])
     write_json_atomic(folder / MANIFEST, manifest)
-    log(f"[{PROG}] done: {manifest['rows']} rows, {manifest['bytes'] / 2**20:.1f} MB in {folder}")
+    log.info("done: %d rows, %.1f MB in %s", manifest["rows"], manifest["bytes"] / 2**20, folder)
     return folder
 
 
-def _load_engine(cfg: Config, model_path: str, tokenizer: Any, backend: str, device: str, dtype: str, k: int,
-                 tensor_parallel_size: int) -> Any:
+def _load_engine(cfg: Config, tokenizer: Any, dtype: str, k: int, device: str) -> Any:
     """The base model (HF, on ``device``) or a vLLM engine that returns k prompt log-probs per position."""
-    if backend == "vllm":
+    model_path = resolve_path(cfg.model)
+    if cfg.anchor.backend == "vllm":
         try:
-            from eval.backends import VLLMBackend
-
-            return VLLMBackend(model_path, dtype, tensor_parallel_size, max_model_len=cfg.data.max_length,
+            return VLLMBackend(model_path, dtype, cfg.anchor.tensor_parallel_size, max_model_len=cfg.data.max_length,
                                max_logprobs=k, trust_remote_code=cfg.model.trust_remote_code,
                                enable_prefix_caching=False)
         except ImportError:
             raise ConfigError("anchor.backend=vllm needs vLLM: pip install -e '.[vllm]' (or use anchor.backend=hf)") from None
-    from asft_repro.modeling import load_model
-
     model = load_model(model_path, cfg.model, tokenizer, dtype=DTYPES[dtype])
     return model.to(device).eval().requires_grad_(False)
 
@@ -394,8 +349,6 @@ def kl_errors(base_logits: torch.Tensor, policy_logits: torch.Tensor, k: int) ->
     Value error: |mean KL~ - mean KL| / mean KL. Gradient error (w.r.t. the policy logits, summed over rows):
     ||G~ - G||_F / ||G||_F. Both directions; the top-k share of the base's mass is reported too.
     """
-    from asft_repro.losses import chunk_grad, chunk_stats
-
     b, z = base_logits.double(), policy_logits.double()
     logq, logp = torch.log_softmax(b, -1), torch.log_softmax(z, -1)
     cached = topk_rows(b, k)
@@ -416,15 +369,11 @@ def kl_errors(base_logits: torch.Tensor, policy_logits: torch.Tensor, k: int) ->
     return result
 
 
-def _random_pair(vocab: int, hidden: int = 64, rows: int = 128, entropy: float = 1.5, noise: float = 0.03,
+def random_pair(vocab: int, hidden: int = 64, rows: int = 128, entropy: float = 1.5, noise: float = 0.03,
                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Base / policy logits [rows, V] of a random Qwen2 (2 layers) whose head is scaled so the base's mean entropy
     is ``entropy`` nats (a freshly initialised head is near-uniform); the policy is the base with every weight
     perturbed by ``noise`` x its std. Returns (base logits, policy logits, base entropy)."""
-    import copy
-
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
@@ -455,12 +404,6 @@ def _random_pair(vocab: int, hidden: int = 64, rows: int = 128, entropy: float =
 
 def _tiny_pair(rows: int = 256, noise: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The tiny model (trained on the fixture text) as base, a perturbed copy as policy, on fixture text."""
-    import copy
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from asft_repro.tiny_model import corpus_texts, ensure_tiny_model
-
     path = ensure_tiny_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -485,7 +428,7 @@ def error_table(vocabs: Sequence[int] = (640, 32000, 151936), ks: Sequence[int] 
             base, policy, entropy = _tiny_pair(rows)
             label = "tiny (trained)"
         else:
-            base, policy, entropy = _random_pair(vocab, rows=rows)
+            base, policy, entropy = random_pair(vocab, rows=rows)
             label = "random Qwen2"
         for k in ks:
             table.append({"model": label, "vocab": base.shape[1], "base_entropy": entropy, "k": k,
@@ -505,61 +448,29 @@ def format_error_table(table: list[dict[str, Any]]) -> str:
 
 # ---- command line --------------------------------------------------------------------------------
 
-def _split_argv(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    anchor, overrides = {}, []
-    for arg in argv:
-        if arg.startswith("anchor."):
-            key, _, value = arg[len("anchor."):].partition("=")
-            if key not in ANCHOR_KEYS or not value:
-                sys.exit(f"{PROG}: unknown or empty option '{arg}'; use anchor.KEY=VALUE with KEY one of "
-                         f"{', '.join(ANCHOR_KEYS)}")
-            anchor[key] = value
-        else:
-            overrides.append(arg)
-    return anchor, overrides
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@hydra_task(PROG)
+def _main(cfg_node: DictConfig) -> None:
+    build_anchor_cache(OmegaConf.to_object(cfg_node))
 
 
-def compose_run_config(overrides: list[str]) -> Config:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from asft_repro.cli import override_problem
-    from asft_repro.config import register_configs
-
-    problem = override_problem("config", overrides)
-    if problem:
-        sys.exit(f"{PROG}: {problem}")
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        node = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_object(node)
+def error_table_main(argv: list[str]) -> None:
+    """``--error-table``: the cached KL's measured error against the exact one, as a Markdown table."""
+    parser = OneLineParser(prog=PROG, description="measure the cached KL's error against the exact one")
+    parser.add_argument("--error-table", action="store_true", required=True)
+    parser.add_argument("--vocabs", default="640,32000,151936", help="640 = the tiny model")
+    parser.add_argument("--ks", default="8,32,128,512")
+    parser.add_argument("--rows", type=int, default=128, help="response rows per model")
+    args = parser.parse_args(argv)
+    table = error_table([int(v) for v in args.vocabs.split(",")], [int(k) for k in args.ks.split(",")], args.rows)
+    print(format_error_table(table))
 
 
-def main(argv: list[str] | None = None) -> None:
-    from asft_repro.cli import OneLineParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
-                           epilog="Other arguments are training overrides (experiment=..., model=..., data.size=...) "
-                                  "and anchor.KEY=VALUE with KEY in " + ", ".join(ANCHOR_KEYS))
-    parser.add_argument("--error-table", action="store_true", help="measure the cached KL's error against the exact one")
-    parser.add_argument("--vocabs", default="640,32000,151936", help="with --error-table: 640 = the tiny model")
-    parser.add_argument("--ks", default="8,32,128,512", help="with --error-table")
-    parser.add_argument("--rows", type=int, default=128, help="with --error-table: response rows per model")
-    args, rest = parser.parse_known_args(argv)
-    if args.error_table:
-        table = error_table([int(v) for v in args.vocabs.split(",")], [int(k) for k in args.ks.split(",")], args.rows)
-        print(format_error_table(table))
-        return
-    options, overrides = _split_argv(rest)
-    try:
-        kwargs = {key: ANCHOR_KEYS[key](value) for key, value in options.items()}
-    except ValueError as err:
-        sys.exit(f"{PROG}: bad anchor option ({err}); anchor.k, anchor.batch_size and anchor.records_per_shard take integers")
-    try:
-        build_anchor_cache(compose_run_config(overrides), **kwargs)
-    except (ConfigError, AnchorCacheError, FileNotFoundError) as err:
-        sys.exit(f"{PROG}: {err}")
+def main() -> None:
+    if "--error-table" in sys.argv[1:]:
+        error_table_main(sys.argv[1:])
+    else:
+        run_cli(PROG, "config", _main)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from asft_repro.diskspace import naming_disk_errors
+from asft_repro.errors import ProjectError
 from asft_repro.files import sha256_file
+from asft_repro.losses import IGNORE_INDEX, chunk_grad, chunks, response_rows
 
 FORMAT = "asft-anchor-topk"
 FORMAT_VERSION = 1
@@ -48,7 +51,7 @@ _ST_DTYPES = {"I64": np.int64, "I32": np.int32, "F16": np.float16, "F32": np.flo
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
-class AnchorCacheError(ValueError):
+class AnchorCacheError(ProjectError, ValueError):
     """A cache that cannot be used; one line naming what is wrong and the fix."""
 
 
@@ -135,7 +138,9 @@ def anchor_terms(logp: torch.Tensor, ids: torch.Tensor, logq_topk: torch.Tensor,
 
 
 def anchor_kl_into(stats: torch.Tensor, terms: AnchorTerms) -> torch.Tensor:
-    """Fill columns 1, 2 (KL forward, reverse) of ``stats`` [c, 4] from the terms; see :func:`anchor_stats`."""
+    """Fill columns 1, 2 (KL forward, reverse) of ``stats`` [c, 4] (:func:`asft_repro.losses.chunk_pass`'s layout) with
+    the completed cached base q~, in O(c * k): KL(q~ || p) = sum_S q (log q - log p) + r log(r / (1 - P_S)) and
+    KL(p || q~) = sum_S p (log p - log q) + (1 - P_S) log((1 - P_S) / r)."""
     diff = terms.logq_s - terms.logp_s
     stats[:, 1] = (terms.logq_s.exp() * diff).sum(-1) + _xlog(terms.log_rest.exp(), terms.log_rest - terms.log_tail)
     stats[:, 2] = -(terms.logp_s.exp() * diff).sum(-1) + _xlog(terms.log_tail.exp(), terms.log_tail - terms.log_rest)
@@ -145,15 +150,6 @@ def anchor_kl_into(stats: torch.Tensor, terms: AnchorTerms) -> torch.Tensor:
 def _xlog(weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """weight * log_ratio with 0 where the weight is 0 (0 log 0 = 0)."""
     return torch.where(weight > 0, weight * log_ratio, torch.zeros_like(weight))
-
-
-def anchor_stats(logp: torch.Tensor, targets: torch.Tensor, terms: AnchorTerms, dft_weight: bool) -> torch.Tensor:
-    """[c, 4] stats like :func:`asft_repro.losses.chunk_stats` with the completed cached base q~, in O(c * k):
-    KL(q~ || p) = sum_S q (log q - log p) + r log(r / (1 - P_S)), KL(p || q~) = sum_S p (log p - log q) +
-    (1 - P_S) log((1 - P_S) / r)."""
-    from asft_repro.losses import chunk_stats
-
-    return anchor_kl_into(chunk_stats(logp, targets, None, dft_weight), terms)
 
 
 def anchor_grad(logp: torch.Tensor, targets: torch.Tensor, terms: AnchorTerms, stats: torch.Tensor, kl_coef: float,
@@ -189,8 +185,6 @@ def anchor_grad(logp: torch.Tensor, targets: torch.Tensor, terms: AnchorTerms, s
         # formula on the completed log q~ (rare; the same value wherever the O(k) form is representable)
         extreme = (terms.log_rest - terms.log_tail > _log_limit(logp.dtype)) | (terms.log_tail < _log_tiny(logp.dtype))
         if extreme.any():
-            from asft_repro.losses import chunk_grad
-
             rows = extreme.nonzero()[:, 0]
             lp = logp[rows]
             lq = complete_log_probs(lp, terms.ids[rows], terms.logq_s[rows], terms.log_rest[rows])
@@ -224,10 +218,29 @@ def topk_rows(base_logits: torch.Tensor, k: int) -> AnchorRows:
 
 # ---- the shard files (safetensors, read back memory-mapped) ----------------------------------------
 
-def write_shard(path: Path, keys: Sequence[int], row_counts: Sequence[int], rows: AnchorRows) -> dict:
-    """Write one shard to a temp name, then rename it into place; returns its manifest entry."""
-    from safetensors.numpy import save_file
+def save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend on the arrays and metadata only: a sorted-key compact JSON header
+    (safetensors' own writer orders the metadata map at random) padded with spaces to 8 bytes, then the arrays by
+    decreasing item size, then name (each one aligned to its item size)."""
+    arrays = {name: np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for name, a in tensors.items()}
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    order = sorted(arrays, key=lambda name: (-arrays[name].dtype.itemsize, name))
+    for name in order:
+        a = arrays[name]
+        header[name] = {"dtype": _NP_TO_ST[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with Path(path).open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in order:
+            f.write(arrays[name].tobytes())
 
+
+def write_shard(path: Path, keys: Sequence[int], row_counts: Sequence[int], rows: AnchorRows) -> dict:
+    """Write one shard (byte-reproducible, :func:`save_safetensors`) to a temp name, then rename it into place;
+    returns its manifest entry. A full disk is one AnchorCacheError line."""
     offsets = np.zeros(len(keys) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(np.asarray(row_counts, dtype=np.int64))
     if offsets[-1] != len(rows):
@@ -236,8 +249,14 @@ def write_shard(path: Path, keys: Sequence[int], row_counts: Sequence[int], rows
                "ids": rows.ids.cpu().numpy().astype(np.int32), "logprobs": rows.logprobs.cpu().numpy().astype(np.float16),
                "log_rest": rows.log_rest.cpu().numpy().astype(np.float32)}
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
-    os.chmod(tmp, 0o644)  # safetensors creates it private; a shared cache is read by other users
+    try:
+        with naming_disk_errors(f"anchor shard {path.name}", path.parent, AnchorCacheError,
+                                "rerun the build command (complete shards are kept)"):
+            save_safetensors(tmp, tensors, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.chmod(tmp, 0o644)  # readable by the other users of a shared cache
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     return {"file": path.name, "sha256": digest, "records": len(keys), "rows": int(offsets[-1]),
@@ -333,27 +352,10 @@ class AnchorCache:
         return AnchorRows(torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(np.ascontiguousarray(rest)))
 
 
-class MemoryAnchor:
-    """An in-memory cache (``rows(keys)`` like :class:`AnchorCache`), e.g. for the benchmark."""
-
-    def __init__(self, records: dict[int, AnchorRows], k: int, vocab_size: int) -> None:
-        self.records, self.k, self.vocab_size = records, k, vocab_size
-
-    def __contains__(self, key: int) -> bool:
-        return int(key) in self.records
-
-    def rows(self, keys: Iterable[int]) -> AnchorRows:
-        parts = [self.records[int(k)] for k in keys]
-        return AnchorRows(torch.cat([p.ids for p in parts]).long(), torch.cat([p.logprobs for p in parts]).float(),
-                          torch.cat([p.log_rest for p in parts]).float())
-
-
 def completed_base_logits(logits: torch.Tensor, labels: torch.Tensor, anchor: AnchorRows, chunk_rows: int,
-                          ignore_index: int = -100) -> torch.Tensor:
+                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """For the logits-level path: a float32 [B, T, V] tensor whose response rows hold log q~ (the completed cached
     base), usable as ``base_logits`` by :func:`asft_repro.losses.compute_loss` (its log_softmax is itself)."""
-    from asft_repro.losses import chunks, response_rows
-
     vocab = logits.shape[-1]
     rows, _targets = response_rows(labels, ignore_index)
     if rows.numel() != len(anchor):

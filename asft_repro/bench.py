@@ -26,6 +26,7 @@ set-up (models, optimizer, batch), with glibc told to return large blocks to the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -36,8 +37,15 @@ import time
 from typing import Callable
 
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from asft_repro.anchor import kl_errors, random_pair
+from asft_repro.anchor_cache import AnchorRows, topk_rows
 from asft_repro.cli import OneLineParser
+from asft_repro.config import MethodConfig
+from asft_repro.fused_head import FusedLoss, auto_chunk_rows, enable_fused_head, head_weight, logits_rows, response_hidden
+from asft_repro.losses import IGNORE_INDEX, chunks, compute_loss
+from asft_repro.paper import PAPER_KL_COEF
 
 VARIANTS = ("sft", "dft", "asft", "asft_logits", "asft_naive", "asft_cached")
 
@@ -51,7 +59,8 @@ def _rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def naive_asft_loss(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor, kl_coef: float = 0.05) -> torch.Tensor:
+def naive_asft_loss(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor,
+                    kl_coef: float = PAPER_KL_COEF) -> torch.Tensor:
     """The reference code's ASFT: softmax / KL over the full vocabulary at every position, then the response mask."""
     shift_logits, shift_base, shift_labels = logits[:, :-1], base_logits[:, :-1], labels[:, 1:]
     mask = shift_labels != -100
@@ -68,14 +77,10 @@ def naive_asft_loss(logits: torch.Tensor, base_logits: torch.Tensor, labels: tor
 
 def cached_anchor_rows(base, ids: torch.Tensor, labels: torch.Tensor, k: int):
     """The in-memory anchor of one batch: the base's top-k rows, as ``python -m asft_repro.anchor`` builds them."""
-    from asft_repro.anchor_cache import AnchorRows, topk_rows
-    from asft_repro.fused_head import _logits, auto_chunk_rows, head_weight, response_hidden
-    from asft_repro.losses import chunks
-
     with torch.no_grad():
         hidden = response_hidden(base, ids, None, labels)
         weight, bias = head_weight(base.lm_head)
-        parts = [topk_rows(_logits(hidden[sl], weight, bias, torch.float32), k)
+        parts = [topk_rows(logits_rows(hidden[sl], weight, bias, torch.float32), k)
                  for sl in chunks(hidden.shape[0], max(1, auto_chunk_rows(weight.shape[0]) // 4))]
     return AnchorRows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "log_rest")))
 
@@ -83,9 +88,6 @@ def cached_anchor_rows(base, ids: torch.Tensor, labels: torch.Tensor, k: int):
 def make_step(variant: str, policy, base, ids: torch.Tensor, labels: torch.Tensor,
               anchor=None) -> Callable[[], torch.Tensor]:
     """One variant's loss computation (forward of policy and base, or the cached anchor's rows)."""
-    from asft_repro.fused_head import FusedLoss, enable_fused_head, response_hidden
-    from asft_repro.losses import compute_loss
-
     if variant == "asft_cached":
         enable_fused_head(policy)
 
@@ -118,10 +120,6 @@ def make_step(variant: str, policy, base, ids: torch.Tensor, labels: torch.Tenso
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str]:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from asft_repro.losses import IGNORE_INDEX
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -139,12 +137,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str
     labels[:, : args.seq // 2] = IGNORE_INDEX
     anchor = None
     if variant == "asft_cached":  # built before the timed steps; the base is then freed (it is never loaded in training)
-        from asft_repro.config import MethodConfig
-
         anchor = cached_anchor_rows(base, ids, labels, MethodConfig().anchor_k).to(device)
         base = None
-        import gc
-
         gc.collect()
     loss_fn = make_step(variant, policy, base, ids, labels, anchor)
 
@@ -222,11 +216,8 @@ def main() -> None:
     print(ratio_line("ASFT/logits-path step-time ratio", ratios("asft", "asft_logits", "step_s")))
     print(ratio_line("cached-anchor ASFT/SFT step-time ratio", ratios("asft_cached", "sft", "step_s")))
     print(ratio_line("cached-anchor ASFT/SFT peak-memory ratio", ratios("asft_cached", "sft", "peak_mb")))
-    from asft_repro.anchor import _random_pair, kl_errors
-    from asft_repro.config import MethodConfig
-
     k = MethodConfig().anchor_k
-    errors = kl_errors(*_random_pair(args.vocab, hidden=args.hidden)[:2], k)
+    errors = kl_errors(*random_pair(args.vocab, hidden=args.hidden)[:2], k)
     print(f"cached-anchor KL relative error: {errors['fwd_value_err']:.4f} (forward KL at k={k}; gradient "
           f"{errors['fwd_grad_err']:.4f}; reverse {errors['rev_value_err']:.4f} / {errors['rev_grad_err']:.4f})")
 

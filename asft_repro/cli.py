@@ -1,16 +1,80 @@
-"""Hydra command lines that fail in one line: overrides are composed once up front, so a misspelt key,
-an unknown config group or bad override syntax reads ``module: what; fix`` instead of Hydra's report."""
+"""One error policy for every entry point: the project's errors end as one ``module: what; fix`` line and a
+non-zero exit; any other exception keeps its traceback.
+
+* Hydra entry points (train, anchor, eval.run, data_prep) wrap their task with :func:`hydra_task`. A
+  :class:`~asft_repro.errors.ProjectError` becomes :class:`JobFailed`, a Hydra "compact" exception: Hydra prints
+  its one line and exits 1. In a sweep (``-m``) the failure stays inside Hydra's job handling, so the remaining
+  jobs still run; at the end the sweep exits 1 with one line naming every failed job. Command-line overrides are
+  composed once up front (:func:`run_cli`), so a misspelt key, an unknown config group or bad override syntax is
+  one line too, instead of Hydra's report.
+* argparse entry points (tables, plots, plan, bench, report) use :class:`OneLineParser` and :func:`exit_on_error`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import logging
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
+
+from asft_repro.config import ConfigError, register_configs
+from asft_repro.errors import ProjectError
+from asft_repro.paths import CONF_DIR
+
+log = logging.getLogger(__name__)
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+class JobFailed(CompactHydraException):
+    """A Hydra job's project error; Hydra prints ``str()`` of it as is (one line) and exits 1.
+
+    In a sweep run in this process, every failed job of the sweep is listed, whichever one Hydra raises.
+    """
+
+    def __init__(self, line: str, failures: list[str] | None = None) -> None:
+        super().__init__(line)
+        self.line, self.failures = line, failures
+
+    def __str__(self) -> str:
+        if not self.failures:
+            return self.line
+        program = self.line.split(":", 1)[0]
+        return (f"{program}: {len(self.failures)} job(s) of the sweep failed (the others ran): "
+                + " | ".join(self.failures) + "; fix them and rerun the sweep (finished jobs are reused with "
+                "train.resume=true)")
+
+
+_SWEEP_FAILURES: list[str] = []  # this process's failed sweep jobs, in order
+
+
+def hydra_task(program: str) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
+    """Decorate a Hydra task function so that a ProjectError ends the job as one line (see the module docstring)."""
+
+    def wrap(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        @functools.wraps(fn)
+        def task(cfg: Any) -> Any:
+            try:
+                return fn(cfg)
+            except ProjectError as err:
+                line = f"{program}: {err}"
+                hydra = HydraConfig.get() if HydraConfig.initialized() else None
+                if hydra is None or hydra.mode != RunMode.MULTIRUN:
+                    raise JobFailed(line) from None
+                overrides = " ".join(hydra.overrides.task)
+                log.error("job %s (%s) failed: %s", hydra.job.num, overrides, line)
+                _SWEEP_FAILURES.append(f"job {hydra.job.num} ({overrides}): {err}")
+                raise JobFailed(line, _SWEEP_FAILURES) from None
+        return task
+    return wrap
 
 
 def override_problem(config_name: str, argv: list[str]) -> str | None:
@@ -18,10 +82,6 @@ def override_problem(config_name: str, argv: list[str]) -> str | None:
     if any(arg.startswith("-") for arg in argv):
         return None  # --help, -m (sweeps), --cfg ...: Hydra's own flags, left to Hydra
     overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra")]
-    from hydra import compose, initialize_config_dir
-
-    from asft_repro.config import ConfigError, register_configs
-
     register_configs()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -46,11 +106,19 @@ def override_problem(config_name: str, argv: list[str]) -> str | None:
 
 
 def run_cli(program: str, config_name: str, hydra_main: Callable[[], None]) -> None:
-    """Check the overrides, then hand over to the ``@hydra.main`` function."""
+    """Check the overrides, then hand over to the ``@hydra.main`` function; a failed job ends as its one line.
+
+    ``HYDRA_FULL_ERROR=1`` makes Hydra re-raise a job's exception instead of printing it with a hint after it:
+    :class:`JobFailed` is then printed here as the last line, and any other exception keeps its whole traceback.
+    """
     problem = override_problem(config_name, sys.argv[1:])
     if problem:
         sys.exit(f"{program}: {problem}")
-    hydra_main()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        hydra_main()
+    except JobFailed as failed:
+        sys.exit(str(failed))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -58,3 +126,17 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         sys.exit(f"{self.prog}: {message}; run `python -m {self.prog} --help` for the options")
+
+
+def setup_logging() -> None:
+    """For argparse entry points: INFO lines to stderr as ``[module] message`` (Hydra apps get Hydra's logging)."""
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+
+
+@contextlib.contextmanager
+def exit_on_error(program: str) -> Iterator[None]:
+    """For argparse entry points: a ProjectError inside becomes ``program: message`` and exit status 1."""
+    try:
+        yield
+    except ProjectError as err:
+        sys.exit(f"{program}: {err}")

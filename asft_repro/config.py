@@ -10,9 +10,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+import transformers.trainer_utils as trainer_utils
+import transformers.training_args as training_args
 from omegaconf import OmegaConf
 
 from asft_repro import identity
+from asft_repro.errors import ProjectError
+from asft_repro.kl_schedule import SCHEDULES
+from asft_repro.paper import PAPER_KL_COEF
+from asft_repro.prompts import EVAL_TEMPLATES
 from asft_repro.losses import METHODS_WITH_KL, KLDirection, Method
 
 BASE_METHOD = "base"  # evaluate the starting model, no training (Table 1's "Base" row)
@@ -22,7 +28,7 @@ PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 SAVE_STRATEGIES = ("steps", "epoch", "no")
 
 
-class ConfigError(ValueError):
+class ConfigError(ProjectError, ValueError):
     """A bad configuration value; the message names the key and the fix."""
 
 
@@ -34,6 +40,7 @@ class ModelArch:
     hidden_size: int = 0
     num_layers: int = 0
     vocab_size: int = 0
+    tie_word_embeddings: bool = False  # embedding and LM head share one matrix (FSDP2's root unit holds it once)
 
 
 @dataclass
@@ -72,11 +79,20 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     name: str = "asft"  # sft | dft | asft | sft_kl | base
-    kl_coef: float = 0.05  # lambda (used by asft and sft_kl)
+    kl_coef: float = PAPER_KL_COEF  # lambda (used by asft and sft_kl)
     kl_direction: str = "forward"  # forward = KL(base || policy); reverse = KL(policy || base)
     # exact = the resident frozen base model; cache = its top-k distribution read from `python -m asft_repro.anchor`
     anchor: str = "exact"
     anchor_k: int = 128  # top-k of the anchor cache (method.anchor=cache); both are part of the training identity
+    # How lambda moves over training (asft_repro/kl_schedule.py); constant = kl_coef throughout (the paper's)
+    kl_schedule: str = "constant"  # constant | linear | cosine | adaptive
+    kl_coef_end: Optional[float] = None  # linear / cosine: lambda at the last optimizer step
+    kl_warmup_steps: int = 0  # linear / cosine: lambda ramps from 0 to kl_coef over these optimizer steps first
+    kl_warmup_ratio: float = 0.0  # ... or over this fraction of the optimizer steps
+    kl_target: Optional[float] = None  # adaptive: the token-mean KL (nats, optimized direction) lambda steers to
+    kl_horizon: float = 10.0  # adaptive: optimizer steps; one step moves lambda by at most 0.2 / kl_horizon (relative)
+    kl_coef_min: float = 1e-4  # adaptive: lambda stays in [kl_coef_min, kl_coef_max]
+    kl_coef_max: float = 10.0
 
     def __post_init__(self) -> None:
         valid = [m.value for m in Method] + [BASE_METHOD]
@@ -91,10 +107,47 @@ class MethodConfig:
                               f"cache (built by `python -m asft_repro.anchor`)")
         if self.anchor_k < 1:
             raise ConfigError(f"method.anchor_k={self.anchor_k} is invalid; set it to 1 or more (e.g. 128)")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """One line per bad ``kl_schedule`` setting, including settings the chosen schedule would ignore."""
+        s = self.kl_schedule
+        _check_choice("method.kl_schedule", s, SCHEDULES)
+        if s != "constant" and (self.name == BASE_METHOD or Method(self.name) not in METHODS_WITH_KL):
+            raise ConfigError(f"method.kl_schedule={s} is invalid with method.name={self.name} (no KL term); "
+                              f"use method=asft or sft_kl, or method.kl_schedule=constant")
+        if self.kl_coef_end is not None and (s not in ("linear", "cosine") or self.kl_coef_end < 0):
+            raise ConfigError(f"method.kl_coef_end={self.kl_coef_end} is invalid with method.kl_schedule={s}; "
+                              + ("set it to 0 or more" if s in ("linear", "cosine") else "drop it, or use kl_schedule=linear or cosine"))
+        if s in ("linear", "cosine") and self.kl_coef_end is None:
+            raise ConfigError(f"method.kl_coef_end=null is invalid with method.kl_schedule={s}; set lambda's end value, e.g. 0.005")
+        if self.kl_warmup_steps < 0 or not 0 <= self.kl_warmup_ratio < 1:
+            raise ConfigError(f"method.kl_warmup_steps={self.kl_warmup_steps}, method.kl_warmup_ratio={self.kl_warmup_ratio} "
+                              f"is invalid; set steps >= 0 or a ratio in [0, 1)")
+        if self.kl_warmup_steps and self.kl_warmup_ratio:
+            raise ConfigError(f"method.kl_warmup_steps={self.kl_warmup_steps}, method.kl_warmup_ratio={self.kl_warmup_ratio} "
+                              f"is invalid; set only one of them")
+        if (self.kl_warmup_steps or self.kl_warmup_ratio) and s not in ("linear", "cosine"):
+            raise ConfigError(f"method.kl_warmup_steps={self.kl_warmup_steps}, method.kl_warmup_ratio={self.kl_warmup_ratio} "
+                              f"is invalid with method.kl_schedule={s}; drop it, or use kl_schedule=linear or cosine")
+        if self.kl_target is not None and (self.kl_target <= 0 or s != "adaptive"):
+            raise ConfigError(f"method.kl_target={self.kl_target} is invalid with method.kl_schedule={s}; "
+                              + ("set a positive KL in nats, e.g. 0.1" if s == "adaptive" else "drop it, or use kl_schedule=adaptive"))
+        if s == "adaptive" and self.kl_target is None:
+            raise ConfigError("method.kl_target=null is invalid with method.kl_schedule=adaptive; set the KL to hold "
+                              "(nats per token, optimized direction), e.g. 0.1")
+        if self.kl_horizon <= 0:
+            raise ConfigError(f"method.kl_horizon={self.kl_horizon} is invalid; set a positive number of optimizer steps, e.g. 10")
+        if s == "adaptive" and not 0 < self.kl_coef_min <= self.kl_coef <= self.kl_coef_max:
+            raise ConfigError(f"method.kl_coef={self.kl_coef} is invalid with method.kl_coef_min={self.kl_coef_min}, "
+                              f"method.kl_coef_max={self.kl_coef_max}; the adaptive start must lie in the bounds, and "
+                              f"0 < kl_coef_min <= kl_coef_max")
 
     @property
     def uses_kl(self) -> bool:
-        return self.name != BASE_METHOD and Method(self.name) in METHODS_WITH_KL and self.kl_coef > 0
+        """Whether training optimizes a KL term (so it needs the base): lambda above 0 at some step."""
+        return (self.name != BASE_METHOD and Method(self.name) in METHODS_WITH_KL
+                and (self.kl_coef > 0 or (self.kl_coef_end or 0.0) > 0))
 
 
 @dataclass
@@ -118,6 +171,7 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = 2
     resume: bool = False  # continue from the run directory's last complete checkpoint
+    redo_final: bool = False  # with resume: re-save a final/ whose weights no longer match run.json, from the last checkpoint
     log_kl: bool = True  # load the base model to log KL even when the method does not optimise it
     loss_chunk_rows: Optional[int] = None  # response rows per float32 loss chunk; null = as many as fit in 256 MB
     fused_head: bool = True  # loss from hidden states at response rows, no [B, T, V] logits (Qwen2 / Llama heads)
@@ -165,11 +219,12 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...] | list[str]) ->
 
 def _enum_values(name: str) -> list[str]:
     """Values of a transformers enum (SchedulerType, OptimizerNames), for one-line validation."""
-    import transformers.trainer_utils as trainer_utils
-    import transformers.training_args as training_args
-
     enum = getattr(trainer_utils, name, None) or getattr(training_args, name)
     return [member.value for member in enum]
+
+
+# The eval keys that decide sampled outputs (part of every eval settings hash; eval.backends.Sampling takes their defaults)
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "n_samples", "seed", "limit")
 
 
 @dataclass
@@ -205,8 +260,6 @@ class EvalConfig:
             raise ConfigError(f"eval.mc_mode={self.mc_mode!r} is invalid; use loglik, generate or paper_fallback")
         if self.n_samples < 1:
             raise ConfigError(f"eval.n_samples={self.n_samples} is invalid; set it to 1 or more")
-        from asft_repro.prompts import EVAL_TEMPLATES
-
         if self.template is not None and self.template not in EVAL_TEMPLATES:
             raise ConfigError(f"eval.template={self.template!r} is invalid; use {', '.join(EVAL_TEMPLATES)} or null (= data.template)")
         if self.limit is not None and self.limit < 1:
@@ -243,6 +296,28 @@ class EvalConfig:
 
 
 @dataclass
+class AnchorConfig:
+    """``python -m asft_repro.anchor``: how the base's top-k cache is built (no run's identity depends on it)."""
+
+    k: Optional[int] = None  # null = method.anchor_k (what a method.anchor=cache run reads)
+    batch_size: int = 8  # records per base forward
+    records_per_shard: int = 512
+    backend: str = "hf"  # hf (transformers) | vllm (prompt log-probs)
+    device: Optional[str] = None  # hf: null = cuda when available, else cpu
+    dtype: str = "auto"  # auto = the exact anchor's dtype (train.precision's half type; fp32 without mixed precision)
+    tensor_parallel_size: int = 1  # vllm
+
+    def __post_init__(self) -> None:
+        _check_choice("anchor.backend", self.backend, ("hf", "vllm"))
+        _check_choice("anchor.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        for key in ("batch_size", "records_per_shard", "tensor_parallel_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"anchor.{key}={getattr(self, key)} is invalid; set it to 1 or more")
+        if self.k is not None and self.k < 1:
+            raise ConfigError(f"anchor.k={self.k} is invalid; set it to 1 or more (e.g. 128), or null for method.anchor_k")
+
+
+@dataclass
 class WandbConfig:
     project: str = "asft-repro"
     entity: Optional[str] = None
@@ -257,6 +332,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     experiment_name: str = "default"  # run group: outputs/<experiment_name>/<run_name>
     run_name: str = "${run_name:}"  # <cell>[-<swept key_value>...]-<config hash>, see asft_repro/identity.py
     output_dir: str = "outputs/${experiment_name}/${run_name}"
@@ -264,9 +340,10 @@ class Config:
 
 @dataclass
 class EvalRunConfig(Config):
-    """``python -m eval.run``: the run config plus what to score and where."""
+    """``python -m eval.run`` (conf/eval_run.yaml): the run config plus what to score and where."""
 
-    model_path: Optional[str] = None
+    model_path: Optional[str] = None  # a checkpoint folder or hub id; null = model.path
+    run_dir: Optional[str] = None  # a training run's folder: its config.yaml and run.json's model_path
     benchmarks: Optional[list[str]] = None
     out_dir: Optional[str] = None
 
@@ -274,6 +351,6 @@ class EvalRunConfig(Config):
 def register_configs() -> None:
     """Register the schema (conf/config.yaml extends it) and the run-name resolver."""
     ConfigStore.instance().store(name="config_schema", node=Config)
-    ConfigStore.instance().store(name="eval_run_schema", node=EvalRunConfig)
+    ConfigStore.instance().store(name="eval_run_schema", node=EvalRunConfig)  # conf/eval_run.yaml extends it
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", lambda *, _root_: identity.run_name(_root_))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -16,13 +17,16 @@ from typing import Any, Iterator
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from asft_repro.config import ConfigError, DataConfig
 from asft_repro.losses import IGNORE_INDEX
-from asft_repro.prompts import ALPACA_PROMPT, render_prompt  # noqa: F401 - re-exported: the one prompt module
+from asft_repro.paths import TRAIN_FILE, subset_dir
+from asft_repro.prompts import render_prompt
 
 FIELDS = ("instruction", "response")
+log = logging.getLogger(__name__)
 FORMATS_HINT = ("expected 'instruction' and 'response' (or chat 'messages' with a user and an assistant turn); "
                 "rename the fields, or prepare the file with `python -m data_prep`")
 
@@ -89,7 +93,7 @@ def record_key(input_ids: list[int], labels: list[int]) -> int:
 
 def train_file(cfg: DataConfig) -> Path:
     """The prepared training file for ``cfg``; a DataError naming the prep command if absent."""
-    path = Path(cfg.train_file) if cfg.train_file else Path(cfg.data_dir) / cfg.name / str(cfg.size) / "train.jsonl"
+    path = Path(cfg.train_file) if cfg.train_file else subset_dir(cfg.data_dir, cfg.name, cfg.size) / TRAIN_FILE
     if path.is_dir():
         raise DataError(f"training data {path} is a directory, not a file; set data.train_file to a JSONL or parquet "
                         f"file (e.g. {path / 'train.jsonl'})")
@@ -186,8 +190,6 @@ def _json_array_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(row number, record) per parquet row, read in batches; DataError if the file is not parquet."""
-    import pyarrow.parquet as pq
-
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
         number = 0
@@ -250,8 +252,8 @@ def _drop_empty(raw: datasets.Dataset, summary: DataSummary) -> datasets.Dataset
         raw = raw.select([i for i in range(len(raw)) if i not in empty])
     else:
         raw = raw.filter(lambda r: bool(split_record(r)[1] and split_record(r)[1].strip()), desc="dropping empty responses")
-    print(f"[asft_repro] {summary.path}: dropped {len(summary.empty_rows)} of {summary.records} records with an empty "
-          f"response (line {_line_list(summary.empty_lines)})")
+    log.warning("%s: dropped %d of %d records with an empty response (line %s)", summary.path, len(summary.empty_rows),
+                summary.records, _line_list(summary.empty_lines))
     return raw
 
 

@@ -8,11 +8,13 @@ bookkeeping on rank 0 and re-raises its error on every rank, so no rank waits fo
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, TypeVar
 
 import torch
 from accelerate import PartialState
+from submitit.helpers import TorchDistributedEnvironment
 
 from asft_repro.config import ConfigError
 
@@ -28,8 +30,6 @@ def export_submitit_env() -> bool:
     """Inside a submitit task (SLURM or local executor): set RANK / WORLD_SIZE / MASTER_* from the job."""
     if "SUBMITIT_EXECUTOR" not in os.environ or "RANK" in os.environ:
         return False
-    from submitit.helpers import TorchDistributedEnvironment
-
     env = TorchDistributedEnvironment()
     if env.world_size > 1:
         env.export(set_cuda_visible_devices=False)  # all ranks see the node's GPUs; LOCAL_RANK picks one
@@ -60,7 +60,10 @@ def setup() -> PartialState:
     if gpus == 0:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # what TrainingArguments reads to run DDP on gloo
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return PartialState(cpu=on_cpu)
+    state = PartialState(cpu=on_cpu)
+    if not state.is_main_process:  # one copy of every console line: rank 0's (warnings and errors from all ranks)
+        logging.getLogger().setLevel(logging.WARNING)
+    return state
 
 
 def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -88,11 +91,15 @@ def barrier() -> None:
         state.wait_for_everyone()
 
 
-def teardown() -> None:
-    """Leave the process group (a later job in this process, or evaluation, starts clean)."""
+def teardown(synchronize: bool = True) -> None:
+    """Leave the process group (a later job in this process, or evaluation, starts clean); ``synchronize`` waits
+    for every rank first (not after a failure, when another rank may never arrive)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if synchronize:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # accelerate keeps its state in a process-wide singleton and offers no public reset; without this a later
+    # job in the same process (a local sweep, the tests) would inherit this job's world size and device
     PartialState._reset_state()
 
 

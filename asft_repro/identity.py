@@ -1,23 +1,24 @@
 """A run is its resolved training config: the readable run name and the config hash.
 
 The run directory is ``<base>[-<swept key_value>...]-<hash8>``: the base names the Table 1
-cell (model, data, size, method, lambda, KL direction, seed), each further value swept on the
+cell (model, data, size, method, lambda, KL direction, lambda schedule, seed), each further value swept on the
 command line is spelt out, and the hash covers every training-relevant value, so two runs
 share a directory only when they would train the same model.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from asft_repro.files import short_hash
+from asft_repro.kl_schedule import SCHEDULE_KEYS, SCHEDULE_SETTINGS, schedule_tag
 from asft_repro.losses import KL_METHOD_NAMES as KL_METHODS
 # Keys that do not change what is trained (paths, bookkeeping, how the work is laid out).
 NON_TRAINING_KEYS = frozenset({
-    "data.data_dir", "train.resume", "train.report_to", "train.logging_steps", "train.save_strategy",
+    "data.data_dir", "train.resume", "train.redo_final", "train.report_to", "train.logging_steps", "train.save_strategy",
     "train.save_steps", "train.save_total_limit", "train.dataloader_num_workers", "train.log_kl",
     "train.loss_chunk_rows", "train.fused_head", "train.per_device_batch_size", "train.gradient_checkpointing", "train.strategy",
     "train.deepspeed", "train.save_final_model", "model.attn_implementation", "model.arch",
@@ -25,7 +26,8 @@ NON_TRAINING_KEYS = frozenset({
 TRAINING_SECTIONS = ("model", "data", "method", "train")
 # Overrides already spelt out by the base name, or not about training at all.
 NAMED_BY_BASE = frozenset({"model", "model.name", "data", "data.name", "data.size", "method", "method.name",
-                           "method.kl_coef", "method.kl_direction", "train.seed", "experiment", "experiment_name"})
+                           "method.kl_coef", "method.kl_direction", "method.kl_schedule", "method.kl_target",
+                           "method.kl_coef_end", "train.seed", "experiment", "experiment_name"})
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -47,12 +49,17 @@ def training_identity(cfg: Any) -> dict[str, Any]:
         flat.pop("method.kl_coef", None), flat.pop("method.kl_direction", None)
     if flat.get("method.anchor", "exact") == "exact":  # the resident base: hashes as before the cache existed
         flat.pop("method.anchor", None), flat.pop("method.anchor_k", None)
+    schedule = flat.get("method.kl_schedule") or "constant"  # constant: hashes as before schedules existed
+    kept = SCHEDULE_SETTINGS.get(schedule, ()) if method in KL_METHODS and schedule != "constant" else None
+    for key in SCHEDULE_KEYS:
+        if kept is None or (key != "kl_schedule" and key not in kept):
+            flat.pop(f"method.{key}", None)
     return {k: v for k, v in sorted(flat.items()) if k not in NON_TRAINING_KEYS and not k.startswith("model.arch.")}
 
 
 def config_hash(identity: dict[str, Any]) -> str:
     """12 hex characters of the sha256 of the identity (the run directory shows the first 8)."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return short_hash(identity)
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -62,13 +69,14 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def base_name(container: dict[str, Any]) -> str:
-    """The Table 1 cell: tiny-numina_cot-256-asft-kl0.05-s42 (Base: tiny-math-base)."""
+    """The Table 1 cell: tiny-numina_cot-256-asft-kl0.05-s42 (Base: tiny-math-base); a λ schedule other than
+    constant is spelt after λ: ...-asft-kl0.05-klsched_adaptive-t0.3-s42."""
     method = container["method"]
     if method["name"] == "base":
         return f"{container['model']['name']}-{container['data']['domain']}-base"
     tag = method["name"]
     if tag in KL_METHODS:
-        tag += f"-kl{method['kl_coef']}" + ("-reverse" if method["kl_direction"] == "reverse" else "")
+        tag += f"-kl{method['kl_coef']}" + ("-reverse" if method["kl_direction"] == "reverse" else "") + schedule_tag(method)
     data = container["data"]
     return f"{container['model']['name']}-{data['name']}-{data['size']}-{tag}-s{container['train']['seed']}"
 
@@ -89,8 +97,6 @@ def swept_values(overrides: list[str], identity: dict[str, Any]) -> list[str]:
 
 def task_overrides() -> list[str]:
     """This Hydra job's command-line overrides ([] outside a Hydra app, e.g. the compose API in tests)."""
-    from hydra.core.hydra_config import HydraConfig
-
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 

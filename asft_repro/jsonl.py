@@ -15,10 +15,12 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from asft_repro.errors import ProjectError
+
 log = logging.getLogger(__name__)
 
 
-class JsonlError(ValueError):
+class JsonlError(ProjectError, ValueError):
     """A JSONL file is damaged somewhere other than its last line."""
 
 

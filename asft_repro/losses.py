@@ -23,6 +23,8 @@ from enum import Enum
 
 import torch
 
+from asft_repro.paper import PAPER_KL_COEF
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_ROWS = 1024
 
@@ -172,7 +174,7 @@ def compute_loss(
     labels: torch.Tensor,
     method: str | Method,
     base_logits: torch.Tensor | None = None,
-    kl_coef: float = 0.05,
+    kl_coef: float = PAPER_KL_COEF,
     kl_direction: str | KLDirection = "forward",
     ignore_index: int = IGNORE_INDEX,
     num_items: int | torch.Tensor | None = None,
@@ -206,7 +208,7 @@ def loss_and_token_sums(
     labels: torch.Tensor,
     method: str | Method,
     base_logits: torch.Tensor | None = None,
-    kl_coef: float = 0.05,
+    kl_coef: float = PAPER_KL_COEF,
     kl_direction: str | KLDirection = "forward",
     ignore_index: int = IGNORE_INDEX,
     num_items: int | torch.Tensor | None = None,

@@ -7,14 +7,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from asft_repro.config import ConfigError, ModelConfig
+from asft_repro.config import Config, ConfigError, ModelConfig
 from asft_repro.tiny_model import ensure_tiny_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype's names
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.precision's prefixes
 PAD_TOKEN = "[PAD]"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def weight_dtypes(cfg: Config) -> tuple[torch.dtype, torch.dtype]:
+    """(policy, frozen base) dtypes: mixed precision keeps fp32 master weights; the base needs none."""
+    precision = cfg.train.resolved_precision(cfg.model.dtype)
+    half = DTYPES[PRECISION_DTYPES[precision.split("-")[0]]]
+    return (half if precision.endswith("-true") else torch.float32), half
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16'."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def resolve_path(cfg: ModelConfig) -> str:
@@ -50,8 +63,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
 def check_model_config(path: str, trust_remote_code: bool = False) -> None:
     """The model's config.json is readable (cheap: no weights), else one line naming the fix."""
-    from transformers import AutoConfig
-
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

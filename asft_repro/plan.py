@@ -1,6 +1,7 @@
 """Plan a sweep before submitting it: every job's run directory, status, steps, tokens, per-GPU memory, GPU-hours.
 
     python -m asft_repro.plan [--gpus 8] [--gpu-mem-gb 80] [--tflops 989] [--mfu 0.35] -- OVERRIDES...
+    python -m asft_repro.memcheck [--quick] [--ranks 2]    # the memory formula below against measured peaks
 
 OVERRIDES are exactly those of the sweep (``experiment=table1_math method=sft,dft,asft data.size=10k,30k,100k``,
 ``hydra/launcher=slurm`` included: its gpus_per_node x nodes then sets the world size). Nothing is trained.
@@ -11,14 +12,22 @@ V vocabulary, b bytes of the compute dtype):
 
 * policy = weights + gradients + AdamW states = (w + w + 2w) * P / S, with w = 4 (fp32 master weights, also
   under bf16-mixed) or 2 (bf16-true), S = W for fsdp2 / zero3 and 1 for ddp;
+* ddp buckets (ddp on W > 1 ranks) = w * P: DDP's gradient buckets, a second copy of the gradients;
 * base (ASFT / SFT+KL, or KL logging) = b * P / S;
-* gathered units (fsdp2 / zero3) = 2 layers of the policy and of the base at b bytes: 2 * 2 * b * P / L;
+* gathered units (fsdp2 / zero3, also on one rank) = b * (R + 2 * 2 * P_layer [+ V*H]): the root unit R (embedding
+  + LM head, V*H*2, once if tied) stays gathered from forward to backward, plus 2 layers of the policy and of the
+  base, P_layer = (P - R) / L [+ the base's LM head, which the fused head gathers whole under fsdp2];
 * activations = L * B*T*H * b (layer inputs kept by checkpointing) + 17 * B*T*H * b (one layer recomputed);
   without checkpointing L * 17 * B*T*H * b (Korthikanti et al. 2022, flash attention);
 * head = with the fused head (``train.fused_head``, the default; not under zero3): its fp32 chunk buffers
-  (4 * rows * V * 4, 256 MB by default) and the fp32 head-weight gradient it accumulates (V*H*4); on the logits
-  path B*T*V * (b + 4 + 4 [+ b]): policy logits, their fp32 copy and its gradient [+ base logits];
+  (4 * rows * V * 4, rows = min(256 MB / (16 V), B*T)) and, where the head computes in bf16 (fsdp2 or bf16-true),
+  the fp32 head-weight gradient it accumulates (V*H*4); on the logits path B*T*V * (b + 4 + 4 [+ b]): policy
+  logits, their fp32 copy and its gradient [+ base logits];
+* optimizer step = max(0, w * P / S - (gathered + activations + head)): foreach AdamW's temporaries, which live
+  after backward has freed the rest;
 * overhead = 2 GiB (CUDA context, NCCL buffers, allocator).
+
+``python -m asft_repro.memcheck`` checks this formula against measured peaks (docs/scale.md).
 
 GPU-hours = (6 + 2 [recompute] + 2 [base forward]) * P * tokens / (peak TFLOP/s * MFU), tokens counted at
 max_length (an upper bound: real sequences are shorter).
@@ -43,9 +52,15 @@ from omegaconf import OmegaConf, open_dict
 from asft_repro.cli import OneLineParser
 from asft_repro.config import BASE_METHOD, Config, ConfigError, ModelArch, register_configs
 from asft_repro.fused_head import WORK_BUFFERS, auto_chunk_rows
+from asft_repro.modeling import resolve_path
+from asft_repro.paths import CONF_DIR, subset_dir
 from asft_repro.rundir import FINAL_DIR, checkpoints, has_weights, read_record
+from asft_repro.benchmarks import average_label, domain_benchmarks, members
+from asft_repro.paths import benchmark_file
+from asft_repro.records import resolve_dir
+from asft_repro.stats import DEFAULT_DISCORDANCE, mde_from_discordance
+from data_prep.subsets import parse_size
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 GIB = 1024 ** 3
 OVERHEAD_BYTES = 2 * GIB
 ACT_BYTES_PER_LAYER = 17  # x B*T*H*b: one layer's working set under flash attention
@@ -77,15 +92,19 @@ def compose_job(job: list[str]) -> tuple[Config, dict[str, Any]]:
 
 def model_arch(cfg: Config) -> ModelArch:
     """Sizes from the model's config.json when it is on disk, else from the model preset's ``arch``."""
-    from asft_repro.modeling import resolve_path
-
     path = Path(resolve_path(cfg.model)) if cfg.model.path == "tiny" else Path(cfg.model.path)
     if (path / "config.json").exists():
         conf = json.loads((path / "config.json").read_text())
         h, layers, vocab = conf["hidden_size"], conf["num_hidden_layers"], conf["vocab_size"]
         inter = conf.get("intermediate_size", 4 * h)
-        params = vocab * h * (1 if conf.get("tie_word_embeddings") else 2) + layers * (4 * h * h + 3 * h * inter)
-        return ModelArch(num_params_b=params / 1e9, hidden_size=h, num_layers=layers, vocab_size=vocab)
+        heads = conf.get("num_attention_heads", 1)
+        kv = conf.get("num_key_value_heads") or heads
+        head_dim = conf.get("head_dim") or h // heads
+        attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim  # q, o and the (grouped) k, v projections
+        tied = bool(conf.get("tie_word_embeddings"))
+        params = vocab * h * (1 if tied else 2) + layers * (attention + 3 * h * inter)
+        return ModelArch(num_params_b=params / 1e9, hidden_size=h, num_layers=layers, vocab_size=vocab,
+                         tie_word_embeddings=tied)
     if cfg.model.arch is None or not cfg.model.arch.num_params_b:
         raise ConfigError(f"model {cfg.model.name}: no config.json at {path} and no model.arch in its preset; "
                           f"add arch: {{num_params_b, hidden_size, num_layers, vocab_size}} to conf/model/{cfg.model.name}.yaml")
@@ -94,10 +113,8 @@ def model_arch(cfg: Config) -> ModelArch:
 
 def num_records(cfg: Config) -> int:
     """Records in the prepared subset (its manifest), else the nominal size (10k -> 10000)."""
-    from data_prep.subsets import parse_size
-
     d = cfg.data
-    folder = Path(d.train_file).parent if d.train_file else Path(d.data_dir) / d.name / str(d.size)
+    folder = Path(d.train_file).parent if d.train_file else subset_dir(d.data_dir, d.name, d.size)
     manifest = folder / "manifest.json"
     if manifest.exists():
         return int(json.loads(manifest.read_text()).get("count") or parse_size(d.size))
@@ -108,8 +125,12 @@ def head_bytes(cfg: Config, arch: ModelArch, b: int, with_base: bool) -> float:
     """The LM head's working memory: the fused head's chunks and fp32 weight gradient, or full [B, T, V] logits."""
     t = cfg.train
     if t.fused_head and t.strategy != "zero3":  # the trainer's default path (DeepSpeed falls back to logits)
-        rows = t.loss_chunk_rows or auto_chunk_rows(arch.vocab_size)
-        return WORK_BUFFERS * 4 * rows * arch.vocab_size + 4 * arch.vocab_size * arch.hidden_size
+        rows = min(t.loss_chunk_rows or auto_chunk_rows(arch.vocab_size), t.per_device_batch_size * cfg.data.max_length)
+        precision = t.resolved_precision(cfg.model.dtype)
+        # the fp32 head-weight gradient is the head's .grad itself when the head computes in fp32 (fp32, or ddp with
+        # fp32 master weights); FSDP2's bf16 unsharded head or bf16-true weights take a copy of it
+        fp32_head = precision == "fp32" or (t.strategy == "ddp" and not precision.endswith("-true"))
+        return WORK_BUFFERS * 4 * rows * arch.vocab_size + (0 if fp32_head else 4 * arch.vocab_size * arch.hidden_size)
     return t.per_device_batch_size * cfg.data.max_length * arch.vocab_size * (b + 4 + 4 + (b if with_base else 0))
 
 
@@ -125,12 +146,22 @@ def memory_gb(cfg: Config, arch: ModelArch, world: int) -> dict[str, float]:
     btH = t.per_device_batch_size * cfg.data.max_length * arch.hidden_size
     acts = (arch.num_layers * btH * b + ACT_BYTES_PER_LAYER * btH * b if t.gradient_checkpointing
             else arch.num_layers * ACT_BYTES_PER_LAYER * btH * b)
+    root = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)  # embedding + LM head
+    layer = max(params - root, 0.0) / arch.num_layers
+    sharded = t.strategy in ("fsdp2", "zero3")  # units gathered for compute, also on one rank
+    base_head = arch.vocab_size * arch.hidden_size if with_base and t.fused_head and t.strategy == "fsdp2" else 0
+    gathered = b * (root + 2 * layer * (2 if with_base else 1) + base_head) if sharded else 0.0
+    head = head_bytes(cfg, arch, b, with_base)
     parts = {
         "policy+optim": 4 * w * params / shards,
+        "ddp_buckets": w * params if t.strategy == "ddp" and world > 1 else 0.0,
         "base": b * params / shards if with_base else 0.0,
-        "gathered": 2 * (2 if with_base else 1) * b * params / arch.num_layers if shards > 1 else 0.0,
+        "gathered": gathered,
         "activations": acts,
-        "head": head_bytes(cfg, arch, b, with_base),
+        "head": head,
+        # the optimizer step runs after backward freed the rest: foreach AdamW's temporaries (w * P / S) count only
+        # where they exceed the forward/backward working set
+        "optimizer_step": max(0.0, w * params / shards - (gathered + acts + head)),
         "overhead": OVERHEAD_BYTES,
     }
     gb = {k: v / 1e9 for k, v in parts.items()}
@@ -169,17 +200,75 @@ def plan_job(cfg: Config, launcher: dict[str, Any], hw: Hardware) -> dict[str, A
     return row
 
 
+# Test sizes as published (used where the prepared benchmark file is not on disk).
+PUBLISHED_SIZES = {"math500": 500, "minerva": 272, "olympiadbench": 675, "aime24": 30, "amc23": 40,
+                   "mmlu_medical": 1089, "medqa": 1273, "medmcqa": 4183}
+
+
+def benchmark_size(name: str, benchmarks_dir: str, limit: int | None) -> tuple[int | None, str]:
+    """Items the evaluation will score and where the count comes from: the prepared files (each member's first
+    ``limit`` rows), else the published size."""
+    paths = [benchmark_file(resolve_dir(benchmarks_dir), m) for m in members(name)]
+    if all(p.is_file() for p in paths):
+        counts = [sum(1 for line in p.read_text(encoding="utf-8").splitlines() if line.strip()) for p in paths]
+        return sum(min(c, limit) if limit else c for c in counts), "prepared file"
+    n = PUBLISHED_SIZES.get(name)
+    return (min(n, limit * len(paths)) if n and limit else n), "published"
+
+
+def observed_discordance(tables_dir: Path) -> dict[str, float]:
+    """benchmark -> median discordance of the acc comparisons in ``<tables_dir>/comparisons.csv`` (none: {})."""
+    path = tables_dir / "comparisons.csv"
+    if not path.is_file():
+        return {}
+    rows = pd.read_csv(path)
+    rows = rows[(rows["metric"] == "acc") & rows["discordance"].notna()]
+    return rows.groupby("benchmark")["discordance"].median().to_dict()
+
+
+def detectable_effects(evals: list[dict[str, Any]], discordance: float | None = None) -> pd.DataFrame:
+    """benchmark -> items -> minimum detectable paired difference (points; 80% power, two-sided 5%) for the
+    benchmarks the jobs evaluate, and each domain average; discordance measured by an earlier ``tables`` run of
+    the experiment when there is one, else ``discordance`` (default ``stats.DEFAULT_DISCORDANCE``)."""
+    rows, seen = [], set()
+    for ev in evals:
+        names = list(ev["benchmarks"] or domain_benchmarks(ev["domain"]))
+        key = (ev["domain"], tuple(names), ev["benchmarks_dir"], ev["limit"])
+        if key in seen:
+            continue
+        seen.add(key)
+        measured = {} if discordance is not None else observed_discordance(Path(ev["tables_dir"]))
+        sizes = []
+        for name in names:
+            n, source = benchmark_size(name, ev["benchmarks_dir"], ev["limit"])
+            d = measured.get(name, discordance if discordance is not None else DEFAULT_DISCORDANCE)
+            sizes.append((n, d))
+            rows.append({"domain": ev["domain"], "benchmark": name, "n_items": n, "items from": source,
+                         "discordance": d, "MDE_points": 100 * mde_from_discordance([n], d) if n else math.nan})
+        if all(n for n, _ in sizes) and set(names) == set(domain_benchmarks(ev["domain"])):
+            mde = mde_from_discordance([n for n, _ in sizes], [d for _, d in sizes])
+            rows.append({"domain": ev["domain"], "benchmark": average_label(ev["domain"]), "n_items": sum(n for n, _ in sizes),
+                         "items from": "", "discordance": math.nan, "MDE_points": 100 * mde})
+    return pd.DataFrame(rows)
+
+
 def plan(overrides: list[str], hw: Hardware) -> pd.DataFrame:
+    """One row per job; ``.attrs["evals"]``: each job's eval benchmarks (for ``detectable_effects``)."""
     register_configs()
-    rows = []
+    rows, evals = [], []
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             for job in expand_sweep(overrides):
                 cfg, launcher = compose_job(job)
                 rows.append(plan_job(cfg, launcher, hw))
+                evals.append({"domain": cfg.data.domain, "benchmarks": cfg.eval.benchmarks, "limit": cfg.eval.limit,
+                              "benchmarks_dir": cfg.eval.benchmarks_dir,
+                              "tables_dir": str(Path(cfg.output_dir).parent.parent / "tables" / cfg.experiment_name)})
     finally:
         HydraConfig.instance().cfg = None  # leave no job's overrides behind for later composes in this process
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["evals"] = evals
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-mem-gb", type=float, default=Hardware.gpu_mem_gb)
     parser.add_argument("--tflops", type=float, default=Hardware.tflops, help="peak bf16 TFLOP/s of one GPU")
     parser.add_argument("--mfu", type=float, default=Hardware.mfu)
+    parser.add_argument("--discordance", type=float, default=None,
+                        help=f"share of items two methods score differently, for the detectable effects (default: "
+                             f"measured by an earlier `tables` run of the experiment, else {DEFAULT_DISCORDANCE})")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     hw = Hardware(args.gpus, args.gpu_mem_gb, args.tflops, args.mfu)
@@ -199,6 +291,13 @@ def main(argv: list[str] | None = None) -> None:
     print(shown.to_markdown(index=False, floatfmt=".1f"))
     print(f"\n{len(table)} jobs, {table['GPU_h'].sum():.1f} GPU-hours at {hw.mfu:.0%} MFU of {hw.tflops:.0f} TFLOP/s; "
           f"memory per GPU against {hw.gpu_mem_gb:.0f} GB (formula: python -m asft_repro.plan --help)")
+    effects = detectable_effects(table.attrs.get("evals", []), args.discordance)
+    if len(effects):
+        print("\nSmallest paired difference between two methods each benchmark can detect (80% power, two-sided 5%):")
+        shown = effects.assign(discordance=[f"{d:.2f}" if d == d else "" for d in effects["discordance"]],
+                               MDE_points=[f"{m:.1f}" for m in effects["MDE_points"]])
+        print(shown.to_markdown(index=False, disable_numparse=True,
+                                colalign=("left", "left", "right", "left", "right", "right")))
     over = table[table["fits"] != "yes"]
     if len(over):
         sys.exit(f"asft_repro.plan: {len(over)} job(s) exceed {hw.gpu_mem_gb:.0f} GB per GPU ({', '.join(Path(p).name for p in over['run_dir'])}); "

@@ -12,10 +12,11 @@ import copy
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
 
 def _prepare_deepspeed(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
-    import deepspeed
+    import deepspeed  # deferred: an optional dependency (train.strategy=zero3)
 
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
     zero = config.setdefault("zero_optimization", {})
@@ -33,8 +34,6 @@ def _prepare_fsdp(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.
     the same per-layer units, mesh, mixed-precision and offload policies (and rank-0-only weight loading)."""
     if not getattr(accelerator, "is_fsdp2", False):
         raise ValueError("the frozen base supports FSDP2 only (fsdp_config version 2, the default)")
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
     return fsdp2_prepare_model(accelerator, model).eval()
 
 

@@ -18,9 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asft_repro.errors import ProjectError
 from asft_repro.files import write_json_atomic
 from asft_repro.identity import identity_diff
 from asft_repro.jsonl import read_jsonl
+from asft_repro.shards import dcp_problem
+from asft_repro.weights import record_weights, recorded_problem
 
 RUN_RECORD = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -33,7 +36,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 log = logging.getLogger(__name__)
 
 
-class RunDirError(RuntimeError):
+class RunDirError(ProjectError, RuntimeError):
     """The run directory holds results this invocation must not overwrite."""
 
 
@@ -67,6 +70,9 @@ def checkpoint_problem(folder: Path) -> str | None:
         json.loads(state.read_text())
     except (OSError, ValueError):
         return "no readable trainer_state.json"
+    sharded = dcp_problem(folder)  # fsdp2: every rank's shard of model and optimizer (asft_repro/shards.py)
+    if sharded:
+        return sharded
     deepspeed = any(folder.glob("global_step*"))
     if not (has_weights(folder) or deepspeed):
         return "no model weights"
@@ -102,15 +108,31 @@ def checkpoint_step(folder: Path) -> tuple[int, int]:
 
 
 def publish_final(out: Path, staging: Path) -> Path:
-    """Move a fully written model folder into place as ``final/``; refuses one without weights."""
+    """Move a fully written model folder into place as ``final/`` and record its weight files' sizes and sha256s
+    in run.json (``final_files``, checked before any reuse); refuses one without weights."""
     if not has_weights(staging):
         raise RunDirError(f"{staging} has no model weights after saving (with strategy=zero3 the JSON needs "
                           f"stage3_gather_16bit_weights_on_model_save: true); the run is not marked complete")
+    files = record_weights(staging)
     final = out / FINAL_DIR
     if final.exists():
         shutil.rmtree(final)
     staging.replace(final)
+    write_record(out, final_files=files)
     return final
+
+
+def final_problem(folder: Path, record: dict[str, Any], hashes: bool = True) -> str | None:
+    """How the model folder differs from run.json's ``final_files`` (sizes; sha256s too if ``hashes``); None when
+    it matches or nothing was recorded (Base, runs from before the record)."""
+    files = record.get("final_files")
+    return recorded_problem(Path(folder), files, hashes) if files else None
+
+
+def redo_final_command(record: dict[str, Any]) -> str:
+    """The training command that re-saves a run's final/ from its last checkpoint."""
+    kept = [o for o in record.get("overrides", []) if not o.startswith(("train.resume=", "train.redo_final="))]
+    return " ".join(["python -m asft_repro.train", *kept, "train.resume=true", "train.redo_final=true"])
 
 
 # ---- identity and state ---------------------------------------------------------------------------

@@ -7,18 +7,17 @@ eval settings) and a health flag (collapsed / unfinished runs get their own, lab
 are averaged (mean ± std, ``n_runs``), nothing else ever is. Eval settings are compared without the
 scored model's fingerprint (which every run's settings hash includes). One Table 1 per (experiment,
 model, domain [, eval settings]) holds Base / SFT / DFT and the paper's λ=0.05 forward ASFT (and SFT+KL); λ and KL-direction
-ablation tables appear only when such runs exist. Each table is printed and saved as Markdown, CSV
+ablation tables (and a λ-schedule one) appear only when such runs exist. Each table is printed and saved as Markdown, CSV
 (with every cell's run directories and config hashes) and LaTeX, and logged to wandb (offline).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +25,22 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from asft_repro.cli import OneLineParser
+from asft_repro.cli import OneLineParser, setup_logging
+from asft_repro.files import short_hash
 from asft_repro.identity import KL_METHODS, flatten, training_identity
-from asft_repro.paper import AVG_COLUMN, PAPER_MODELS, is_paper_kl, paper_average
+from asft_repro.intervals import annotate
+from asft_repro.kl_schedule import schedule_label
+from asft_repro.benchmarks import benchmark_label, domain_benchmarks, domains
+from asft_repro.rundir import FINAL_DIR, final_problem
+from asft_repro.paper import AVG_COLUMN, PAPER_KL_COEF, PAPER_MODELS, is_paper_kl, paper_average
 
-BENCHMARKS: dict[str, list[tuple[str, str]]] = {
-    "medical": [("mmlu_medical", "MMLU-medical"), ("medqa", "MedQA"), ("medmcqa", "MedMCQA")],
-    "math": [("math500", "Math500"), ("minerva", "Minerva"), ("olympiadbench", "OlympiadBench"),
-             ("aime24", "AIME24"), ("amc23", "AMC23")],
-}
+log = logging.getLogger(__name__)
+
+# domain -> [(benchmark, label)] in the paper's column order (conf/prep/sources.yaml)
+BENCHMARKS: dict[str, list[tuple[str, str]]] = {d: [(b, benchmark_label(b)) for b in domain_benchmarks(d)] for d in domains()}
 METHOD_ORDER = ["base", "sft", "dft", "asft", "sft_kl"]
 METHOD_LABEL = {"base": "Base", "sft": "SFT", "dft": "DFT", "asft": "ASFT", "sft_kl": "SFT+KL"}
-CELL_KEY = ["experiment", "model", "domain", "data", "size", "method", "kl_coef", "kl_direction", "variant",
+CELL_KEY = ["experiment", "model", "domain", "data", "size", "method", "kl_coef", "kl_direction", "kl_schedule", "variant",
             "eval_key", "flag"]
 DASH = "-"
 _META = {"seed", "wandb_project", "collapse_reason", "run_dir", "config_hash", "data_sha256", "variant_identity",
@@ -55,7 +58,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        print(f"[tables] skipping unreadable {path}: {err}", file=sys.stderr)
+        log.warning("skipping unreadable %s: %s", path, err)
         return None
 
 
@@ -75,6 +78,7 @@ def run_identity(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "data": "" if base else str(cfg["data"]["name"]), "size": "" if base else str(cfg["data"]["size"]),
         "method": method, "kl_coef": float(cfg["method"]["kl_coef"]) if kl else math.nan,
         "kl_direction": str(cfg["method"]["kl_direction"]) if kl else "",
+        "kl_schedule": schedule_label(cfg["method"]) if kl else "",  # '' = constant λ (asft_repro/kl_schedule.py)
         "seed": cfg.get("train", {}).get("seed"), "wandb_project": cfg.get("wandb", {}).get("project"),
     }
 
@@ -94,6 +98,14 @@ def run_variant(record: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     return variant
 
 
+def final_flag(run_dir: Path, record: dict[str, Any]) -> str:
+    """'final/ damaged' when the run's final/ weight files no longer have the sizes run.json recorded (logged)."""
+    problem = final_problem(run_dir / FINAL_DIR, record, hashes=False)
+    if problem:
+        log.warning("%s: %s; re-save it with train.resume=true train.redo_final=true", run_dir, problem)
+    return "final/ damaged" if problem else ""
+
+
 def run_flag(record: dict[str, Any]) -> str:
     """'collapsed', 'unfinished' or '' (healthy) from run.json."""
     if record.get("collapsed"):
@@ -107,7 +119,7 @@ def eval_key(settings: dict[str, Any], settings_hash: str) -> dict[str, str]:
     if not shared:
         return {"eval_key": settings_hash, "eval_settings": "{}"}
     text = json.dumps(shared, sort_keys=True, default=str)
-    return {"eval_key": hashlib.sha256(text.encode()).hexdigest()[:12], "eval_settings": text}
+    return {"eval_key": short_hash(shared), "eval_settings": text}
 
 
 def settings_differences(settings: dict[str, str]) -> dict[str, str]:
@@ -122,14 +134,15 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     """One row per eval settings folder of a run: identity, provenance, scores."""
     cfg = read_config(run_dir)
     if cfg is None:
-        print(f"[tables] skipping {run_dir}: no config.yaml", file=sys.stderr)
+        log.warning("skipping %s: no config.yaml", run_dir)
         return []
     record = _read_json(run_dir / "run.json") or {}
-    variant = json.dumps(run_variant(record, cfg), sort_keys=True, default=str)
-    ident = {**run_identity(cfg, run_dir), "flag": run_flag(record), "collapse_reason": record.get("collapse_reason", ""),
+    variant_identity = run_variant(record, cfg)
+    variant = json.dumps(variant_identity, sort_keys=True, default=str)
+    ident = {**run_identity(cfg, run_dir), "flag": run_flag(record) or final_flag(run_dir, record), "collapse_reason": record.get("collapse_reason", ""),
              "run_dir": str(run_dir), "config_hash": str(record.get("config_hash", "")),
              "data_sha256": (record.get("data_manifest") or {}).get("sha256"),
-             "variant": hashlib.sha256(variant.encode()).hexdigest()[:12], "variant_identity": variant}
+             "variant": short_hash(variant_identity), "variant_identity": variant}
     rows = []
     for path in sorted(run_dir.glob("eval/*/metrics.json")):
         metrics = _read_json(path)
@@ -193,7 +206,8 @@ def _order(cells: pd.DataFrame) -> pd.DataFrame:
     """Base first, then by size, method (paper order), λ, direction, healthy before flagged."""
     key = cells.apply(lambda r: (r["method"] != "base", r["data"], _size_key(r["size"]),
                                  METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99,
-                                 -1.0 if pd.isna(r["kl_coef"]) else r["kl_coef"], r["kl_direction"], r["flag"]), axis=1)
+                                 -1.0 if pd.isna(r["kl_coef"]) else r["kl_coef"], r["kl_direction"], r["kl_schedule"],
+                                 r["flag"]), axis=1)
     return cells.loc[sorted(cells.index, key=lambda i: key[i])]
 
 
@@ -202,7 +216,7 @@ def row_label(cell: pd.Series, show_kl: bool, show_data: bool, extra: str = "") 
     parts = [] if cell["method"] == "base" else [cell["data"]] if show_data else []
     parts += ["Base"] if cell["method"] == "base" else [cell["size"], METHOD_LABEL.get(cell["method"], cell["method"])]
     if show_kl and cell["method"] in KL_METHODS:
-        parts += [f"λ={cell['kl_coef']:g}", cell["kl_direction"]]
+        parts += [f"λ={cell['kl_coef']:g}", cell["kl_direction"]] + ([cell["kl_schedule"]] if cell["kl_schedule"] else [])
     parts += [extra] if extra else []
     if cell["flag"]:
         parts.append(f"({cell['flag']})")
@@ -222,11 +236,15 @@ class ResultTable:
     footnotes: list[str] = field(default_factory=list)
 
     def display(self) -> pd.DataFrame:
-        """Strings as pasted: 'mean ± std', a dash where missing."""
-        f = self.frame
-        shown = {label: [fmt_score(m, s, n) for m, s, n in zip(f[c], f[f"{c} std"], f["n_runs"])] for c, label in self.columns}
+        """Strings as pasted: 'score ± 95% half-width', '†', '(sd)' over seeds (asft_repro/intervals.py), a dash if missing."""
+        f, nan = self.frame, pd.Series(math.nan, index=self.frame.index)
+        shown = {label: [fmt_score(m, s, n, (hi - lo) / 2, mark) for m, s, n, lo, hi, mark in
+                         zip(f[c], f[f"{c} std"], f["n_runs"], f.get(f"{c} ci_low", nan), f.get(f"{c} ci_high", nan),
+                             f.get(f"{c} mark", pd.Series("", index=f.index)))] for c, label in self.columns}
         shown[f"paper {self.avg}"] = [fmt_num(v) for v in f[f"paper {self.avg}"]]
         shown["diff vs paper"] = [fmt_num(v, signed=True) for v in f["diff vs paper"]]
+        if "paper in CI" in f:
+            shown["paper in 95% CI"] = [v or DASH for v in f["paper in CI"]]
         shown["n_runs"] = [str(int(n)) for n in f["n_runs"]]
         return pd.DataFrame(shown, index=f.index)
 
@@ -259,11 +277,12 @@ def fmt_num(value: Any, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def fmt_score(mean: Any, std: Any, n: int) -> str:
-    """'12.34 ± 0.56' over several seeds, '12.34' for one, a dash when missing."""
+def fmt_score(mean: Any, std: Any, n: int, half: float = math.nan, mark: str = "") -> str:
+    """'12.34 ± 3.10† (sd 0.56)': the score, its 95% half-width when known, a mark, the std over several seeds."""
     if mean is None or pd.isna(mean):
         return DASH
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 and not pd.isna(std) else f"{mean:.2f}"
+    text = f"{mean:.2f}" + (f" ± {half:.2f}" if not pd.isna(half) else "") + (mark or "")
+    return text + (f" (sd {std:.2f})" if n > 1 and not pd.isna(std) else "")
 
 
 def _pipe_row(cells: list[Any]) -> str:
@@ -271,7 +290,8 @@ def _pipe_row(cells: list[Any]) -> str:
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-        "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "λ": r"$\lambda$", "|": r"$\|$"}
+        "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "λ": r"$\lambda$", "|": r"$\|$",
+        "†": r"$^\dagger$"}
 
 
 def _tex(text: Any) -> str:
@@ -304,11 +324,11 @@ def build_table(name: str, cells: pd.DataFrame, group: dict[str, str], columns: 
     cells.index = pd.Index([row_label(c, show_kl, show_data, extras[i]) for i, c in cells.iterrows()], name="Method")
     cells[f"paper {avg}"] = [paper_average(c["model"], domain, c["size"], c["method"], c["kl_coef"], c["kl_direction"])
                              for _, c in cells.iterrows()]
-    cells[f"paper {avg}"] = pd.to_numeric(cells[f"paper {avg}"], errors="coerce")
+    cells[f"paper {avg}"] = pd.to_numeric(cells[f"paper {avg}"], errors="coerce").where((cells["kl_schedule"] == "").to_numpy())
     cells["diff vs paper"] = cells[avg] - cells[f"paper {avg}"]
     title = (f"{group['kind']}: experiment {group['experiment']}, model {group['model']}, {domain}"
              + f", eval settings {group['eval_key']}{group['eval_note']}"
-             + f"; mean ± std over seeds (n_runs); '{DASH}' = missing.")
+             + f"; score ± half-width of its 95% interval, (sd) over seeds (n_runs); '{DASH}' = missing.")
     return ResultTable(name, title, group["experiment"], cells, columns, avg, footnotes(cells, domain))
 
 
@@ -327,22 +347,28 @@ def _slug(text: str) -> str:
 
 
 def is_table1_cell(cells: pd.DataFrame) -> pd.Series:
-    """Base, SFT, DFT, and KL methods only at the paper's λ=0.05 forward."""
+    """Base, SFT, DFT, and KL methods only at the paper's constant λ=0.05 forward."""
     kl = cells["method"].isin(KL_METHODS)
-    default = [is_paper_kl(c, d) for c, d in zip(cells["kl_coef"], cells["kl_direction"])]
+    default = [is_paper_kl(c, d) and not s for c, d, s in zip(cells["kl_coef"], cells["kl_direction"], cells["kl_schedule"])]
     return ~kl | pd.Series(default, index=cells.index)
 
 
 def ablation_parts(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """λ ablation (forward KL runs) when a λ other than 0.05 exists; direction ablation when a reverse run exists."""
-    kl = cells[cells["method"].isin(KL_METHODS)]
+    """λ ablation (forward KL runs) when a λ other than 0.05 exists; direction ablation when a reverse run exists;
+    λ-schedule ablation (scheduled runs beside the constant runs of their start λ and direction) when one exists."""
+    every_kl = cells[cells["method"].isin(KL_METHODS)]
+    kl = every_kl[every_kl["kl_schedule"] == ""]  # constant λ
+    scheduled = every_kl[every_kl["kl_schedule"] != ""]
     forward = kl[kl["kl_direction"] == "forward"]
     parts = {}
-    if (abs(forward["kl_coef"] - 0.05) > 1e-12).any():
+    if (abs(forward["kl_coef"] - PAPER_KL_COEF) > 1e-12).any():
         parts["ablation_lambda"] = forward
     reverse = kl[kl["kl_direction"] == "reverse"]
     if not reverse.empty:
         parts["ablation_kl_direction"] = kl[kl["kl_coef"].isin(set(reverse["kl_coef"]))]
+    if not scheduled.empty:
+        starts = set(zip(scheduled["kl_coef"], scheduled["kl_direction"]))
+        parts["ablation_lambda_schedule"] = every_kl[[(c, d) in starts for c, d in zip(every_kl["kl_coef"], every_kl["kl_direction"])]]
     return parts
 
 
@@ -367,7 +393,8 @@ def make_tables(runs: pd.DataFrame) -> dict[str, ResultTable]:
     return tables
 
 
-_KIND = {"table1": "Table 1", "ablation_lambda": "λ ablation", "ablation_kl_direction": "KL-direction ablation"}
+_KIND = {"table1": "Table 1", "ablation_lambda": "λ ablation", "ablation_kl_direction": "KL-direction ablation",
+         "ablation_lambda_schedule": "λ-schedule ablation"}
 
 
 def save_table(table: ResultTable, out: Path) -> None:
@@ -412,18 +439,22 @@ def write_tables(root: Path, out: Path, experiment: str | None = None, use_wandb
         raise fail(f"no run with eval/<settings>/metrics.json under {where}",
                    "train with eval.after_train=true (or run python -m eval.run) first")
     tables = make_tables(runs)
+    scores, comparisons = annotate(tables, runs)  # intervals, paired comparisons, † marks (asft_repro/intervals.py)
     out.mkdir(parents=True, exist_ok=True)
     for table in tables.values():
         save_table(table, out)
         print("\n" + table.markdown())
     runs.to_csv(out / "runs.csv", index=False)
+    scores.to_csv(out / "scores.csv", index=False)
+    comparisons.to_csv(out / "comparisons.csv", index=False)
     if use_wandb:
         log_wandb(tables, runs, out)
-    print(f"[tables] wrote Markdown, CSV and LaTeX to {out} (every cell's run directories are in the CSV)")
+    log.info("wrote Markdown, CSV and LaTeX to %s (every cell's run directories are in the CSV)", out)
     return tables
 
 
 def main(argv: list[str] | None = None) -> None:
+    setup_logging()
     parser = OneLineParser(prog="asft_repro.tables", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("outputs"))
     parser.add_argument("--experiment", default=None, help="only runs of this experiment_name")

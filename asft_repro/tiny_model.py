@@ -1,24 +1,28 @@
 """A tiny Qwen2-architecture causal LM and tokenizer, built offline and cached.
 
 ``model.path=tiny`` resolves here. The tokenizer is a byte-level BPE trained on the
-project's fixture text; the model (about 0.2 M parameters) is briefly pre-trained as a plain
+project's fixture text; the model (about 0.1 M parameters) is briefly pre-trained as a plain
 language model on that text, so that the "base" it starts from already assigns real
 probabilities to its tokens (DFT's weights and the KL anchor are then meaningful).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from asft_repro.files import short_hash
 from data_prep.make_fixtures import FIXTURE_DIR
 
 TINY_VERSION = 2
+log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -48,14 +52,10 @@ def corpus_texts() -> list[str]:
 
 
 def _fingerprint(texts: list[str], arch: dict | None = None) -> str:
-    payload = json.dumps([TINY_VERSION, arch or TINY_ARCH, VOCAB_SIZE, PRETRAIN, texts], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    return short_hash([TINY_VERSION, arch or TINY_ARCH, VOCAB_SIZE, PRETRAIN, texts])
 
 
 def build_tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -92,14 +92,12 @@ def ensure_tiny_model(root: Path | None = None, arch: dict | None = None) -> Pat
 
     ``arch`` replaces TINY_ARCH's keys, e.g. ``{"num_attention_heads": 2, "num_key_value_heads": 1}`` for
     head_dim 32 (vLLM's CPU attention rejects TINY_ARCH's head_dim 16); another arch is another folder."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     texts = corpus_texts()
     arch = {**TINY_ARCH, **(arch or {})}
     target = (root or cache_root()) / f"tiny-qwen2-{_fingerprint(texts, arch)}"
     if (target / "config.json").exists():
         return target
-    print(f"[asft_repro] building the tiny model in {target} (once)")
+    log.info("building the tiny model in %s (once)", target)
     torch.manual_seed(PRETRAIN["seed"])
     tokenizer = build_tokenizer(texts)
     config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,

@@ -26,20 +26,24 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments
 
 from asft_repro import distributed
-from asft_repro.cli import run_cli
+from asft_repro.anchor import find_anchor_cache
+from asft_repro.cli import hydra_task, run_cli
 from asft_repro.config import BASE_METHOD, Config, ConfigError, register_configs
 from asft_repro.data import PadCollator, data_manifest, load_train_dataset
+from asft_repro.diskspace import naming_disk_errors, training_footprint, warn_if_short
+from asft_repro.fsdp import fsdp2_arguments, launched, shards_this_launch
 from asft_repro.identity import config_hash, task_overrides, training_identity
-from asft_repro.modeling import check_model_config, load_model, load_tokenizer, resolve_path
+from asft_repro.modeling import check_model_config, load_model, load_tokenizer, resolve_path, weight_dtypes
+from asft_repro.paths import CONF_DIR
+from asft_repro.preemption import Preemption
 from asft_repro.rundir import (FINAL_DIR, METRICS_FILE, RunDirError, RunLock, check_run_dir, checkpoint_step,
-                               has_weights, last_complete_checkpoint, publish_final, read_record, trim_metrics,
-                               write_record)
-from asft_repro.trainer import ASFTTrainer, NonFiniteLossError, training_callbacks
-from asft_repro.wandb_setup import init_wandb
+                               final_problem, has_weights, last_complete_checkpoint, publish_final, read_record,
+                               redo_final_command, trim_metrics, write_record)
+from asft_repro.shards import layout_change
+from asft_repro.trainer import ASFTTrainer, training_callbacks
+from asft_repro.wandb_setup import finish_wandb, init_wandb
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 ZERO3_CONFIG = Path(CONF_DIR) / "deepspeed" / "zero3.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger("asft_repro.train")
 register_configs()
 transformers.utils.logging.disable_progress_bar()  # weight loading / saving bars: noise beside the step lines
@@ -47,28 +51,20 @@ transformers.utils.logging.disable_progress_bar()  # weight loading / saving bar
 
 # ---- what to build -------------------------------------------------------------------------------
 
-def weight_dtypes(cfg: Config) -> tuple[torch.dtype, torch.dtype]:
-    """(policy, frozen base) dtypes: mixed precision keeps fp32 master weights; the base needs none."""
-    precision = cfg.train.resolved_precision(cfg.model.dtype)
-    half = precision.split("-")[0]
-    policy = DTYPES[half] if precision.endswith("-true") else torch.float32
-    return policy, DTYPES[half]
-
-
-def strategy_arguments(cfg: Config) -> dict[str, Any]:
-    """TrainingArguments fields for ``train.strategy`` (FSDP2 full_shard or ZeRO-3 need CUDA GPUs)."""
+def strategy_arguments(cfg: Config, launcher: bool = True) -> dict[str, Any]:
+    """TrainingArguments fields for ``train.strategy``: FSDP2 full_shard (GPUs or CPU gloo ranks, see asft_repro/fsdp.py;
+    one process not started by a launcher has nothing to shard and trains as ddp does) or ZeRO-3 (CUDA GPUs)."""
     t = cfg.train
-    if t.strategy == "ddp":
+    if t.strategy == "fsdp2" and launcher:
+        os.environ["ACCELERATE_USE_FSDP"] = "true"  # transformers then loads weights on rank 0 only
+        return fsdp2_arguments(t.gradient_checkpointing)
+    for var in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):  # left by an fsdp2 job earlier in this process
+        os.environ.pop(var, None)
+    if t.strategy in ("ddp", "fsdp2"):
         return {"gradient_checkpointing": t.gradient_checkpointing}
     if not torch.cuda.is_available():
-        raise ConfigError(f"train.strategy={t.strategy} needs CUDA GPUs (accelerate shards only on GPU backends and "
-                          f"would silently run DDP here); use train.strategy=ddp on CPU")
-    if t.strategy == "fsdp2":
-        os.environ["ACCELERATE_USE_FSDP"] = "true"  # transformers then loads weights on rank 0 only
-        return {"fsdp": True, "fsdp_config": {
-            "version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "cpu_ram_efficient_loading": True, "state_dict_type": "FULL_STATE_DICT",
-            "activation_checkpointing": t.gradient_checkpointing}}
+        raise ConfigError(f"train.strategy={t.strategy} needs CUDA GPUs (DeepSpeed shards only on GPU backends and "
+                          f"would silently run DDP here); use train.strategy=fsdp2 or ddp on CPU")
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -103,7 +99,8 @@ def training_arguments(cfg: Config, out: Path, world_size: int) -> TrainingArgum
         logging_steps=t.logging_steps, logging_first_step=True, save_strategy=t.save_strategy, save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, report_to=list(t.report_to), dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False, disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False, log_level="warning", **strategy_arguments(cfg),
+        ddp_find_unused_parameters=False, log_level="warning",
+        **strategy_arguments(cfg, launcher=launched()),
     )
 
 
@@ -118,8 +115,6 @@ def preflight(cfg: Config) -> None:
         # bad / empty data, or max_length cutting every response
         dataset = load_train_dataset(cfg.data, tokenizer, with_keys=uses_anchor_cache(cfg))
         if uses_anchor_cache(cfg):  # a missing, half-built, corrupt or mismatched cache fails here, before any write
-            from asft_repro.anchor import find_anchor_cache
-
             find_anchor_cache(cfg, dataset["record_key"], verify=True)
 
 
@@ -154,9 +149,13 @@ def open_run(cfg_node: DictConfig, cfg: Config, out: Path, lock: RunLock, world_
         write_record(out, train_status="complete", model_path=resolve_path(cfg.model))
         return {"action": "none"}
     if record.get("train_status") == "complete" and has_weights(Path(record.get("model_path", out / FINAL_DIR))):
-        log.info("%s: training already complete, reusing %s", out, record["model_path"])
-        return {"action": "none"}
+        if not reuse_refused(out, record, cfg.train.redo_final):
+            log.info("%s: training already complete, reusing %s", out, record["model_path"])
+            return {"action": "none"}
     checkpoint = last_complete_checkpoint(out, set_aside=True) if cfg.train.resume else None
+    change = checkpoint and layout_change(checkpoint, cfg.train.strategy, shards_this_launch(cfg.train.strategy), world_size)
+    if change:  # a sharded checkpoint resumes only on the layout that wrote it; nothing touched yet
+        raise RunDirError(change)
     if checkpoint is None:
         (out / METRICS_FILE).unlink(missing_ok=True)  # nothing to continue from: restart at step 0
     else:
@@ -167,6 +166,32 @@ def open_run(cfg_node: DictConfig, cfg: Config, out: Path, lock: RunLock, world_
                  precision=cfg.train.resolved_precision(cfg.model.dtype))
     finished = checkpoint is not None and 0 < max_steps <= step  # killed while writing final/
     return {"action": "save_only" if finished else "train", "checkpoint": str(checkpoint) if checkpoint else None}
+
+
+def reuse_refused(out: Path, record: dict[str, Any], redo_final: bool) -> bool:
+    """Whether a complete run's final/ must be re-saved (it differs from run.json's ``final_files`` and
+    ``train.redo_final=true``); a difference without redo_final is refused in one line, never reused."""
+    problem = final_problem(Path(record["model_path"]), record)
+    if problem is None:
+        return False
+    if not redo_final:
+        raise RunDirError(f"{problem}, so the finished run in {out} is not reused; re-save final/ from the last "
+                          f"checkpoint with `{redo_final_command(record)}` (or retrain into a new experiment_name)")
+    log.warning("%s: %s; re-saving final/ from the last checkpoint (train.redo_final=true)", out, problem)
+    return True
+
+
+def warn_about_space(cfg: Config, out: Path, model: torch.nn.Module) -> None:
+    """One warning line when ``out``'s filesystem cannot hold the run's checkpoints and final model (estimate:
+    :func:`asft_repro.diskspace.training_footprint`; checkpoints = train.save_total_limit, 1 when unlimited, 0 with
+    save_strategy=no)."""
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = next(model.parameters()).element_size()
+    t = cfg.train
+    kept = 0 if t.save_strategy == "no" else (t.save_total_limit or 1)  # unlimited: at least one
+    need = training_footprint(params, weight_bytes, kept, t.save_final_model)
+    warn_if_short(out, need, f"{kept} checkpoint(s) of {params / 1e6:.1f}M parameters x ({weight_bytes} + 8 AdamW) "
+                             f"bytes" + (" + final/" if t.save_final_model else ""))
 
 
 def close_run(out: Path, final: Path, collapse: str | None) -> None:
@@ -192,8 +217,6 @@ def train(cfg: Config, out: Path, plan: dict[str, Any]) -> Path:
         dataset = load_train_dataset(cfg.data, tokenizer, with_keys=uses_anchor_cache(cfg))
     anchor_cache = None
     if uses_anchor_cache(cfg):  # checked by rank 0's preflight (sha256 included); every rank maps the shards
-        from asft_repro.anchor import find_anchor_cache
-
         anchor_cache = find_anchor_cache(cfg, dataset["record_key"], verify=False)
         if anchor_cache.vocab_size != model.get_output_embeddings().weight.shape[0]:
             raise ConfigError(f"the anchor cache {anchor_cache.folder} has a vocabulary of {anchor_cache.vocab_size}, the "
@@ -201,27 +224,31 @@ def train(cfg: Config, out: Path, plan: dict[str, Any]) -> Path:
         log.info("base anchor: %s (top-%d, no base model loaded)", anchor_cache.folder, anchor_cache.k)
     if "wandb" in args.report_to and state.is_main_process:
         write_record(out, wandb_id=init_wandb(cfg, out))
+    distributed.on_main(warn_about_space, cfg, out, model)
+    preemption = Preemption()  # SIGTERM / SIGUSR1: save a checkpoint at the step's end and stop (asft_repro/preemption.py)
     trainer = ASFTTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, method=cfg.method, base_model=base, loss_chunk_rows=cfg.train.loss_chunk_rows,
         fused_head=cfg.train.fused_head, anchor_cache=anchor_cache,
-        callbacks=training_callbacks(out / METRICS_FILE, len(tokenizer)),
+        callbacks=[*training_callbacks(out / METRICS_FILE, len(tokenizer)), preemption],
     )
     if plan["action"] == "save_only":  # killed after the last checkpoint, before final/: no extra step
+        # private, on purpose: the public train(resume_from_checkpoint=...) would load the same way but also redo the
+        # end-of-training bookkeeping (a second summary row in metrics.jsonl); this loads the weights only, as the
+        # Trainer saved them (DDP, FSDP2 sharded or DeepSpeed layouts alike)
         trainer._load_from_checkpoint(plan["checkpoint"])
     else:
-        trainer.train(resume_from_checkpoint=plan["checkpoint"])
+        with preemption.installed():
+            trainer.train(resume_from_checkpoint=plan["checkpoint"])
+        preemption.stop_if_preempted(out)
     staging = out / f"{FINAL_DIR}.tmp"
     distributed.on_main(lambda: shutil.rmtree(staging, ignore_errors=True))
-    if cfg.train.save_final_model:
-        trainer.save_model(str(staging))  # collective under FSDP / ZeRO-3
-    distributed.barrier()
-    final = distributed.on_main(publish_final, out, staging) if cfg.train.save_final_model else out / FINAL_DIR
+    with naming_disk_errors("the final model", staging, RunDirError, "rerun with train.resume=true"):
+        if cfg.train.save_final_model:
+            trainer.save_model(str(staging))  # collective under FSDP / ZeRO-3
+        distributed.barrier()
+        final = distributed.on_main(publish_final, out, staging) if cfg.train.save_final_model else out / FINAL_DIR
     distributed.on_main(close_run, out, final, trainer.collapse_reason())
-    if "wandb" in args.report_to and state.is_main_process:
-        import wandb
-
-        wandb.finish()
     del trainer, model, base
     gc.collect()
     if torch.cuda.is_available():
@@ -249,34 +276,35 @@ def run(cfg_node: DictConfig) -> Path:
         raise ConfigError("eval.after_train=true needs the final model; set train.save_final_model=true, "
                           "or eval.after_train=false")
     state = distributed.setup()
+    is_main = state.is_main_process
     out = Path(cfg.output_dir)
-    distributed.on_main(preflight, cfg)
-    lock = RunLock(out) if state.is_main_process else None
+    lock = RunLock(out) if is_main else None
     handler = None
+    finished = False
     try:
+        distributed.on_main(preflight, cfg)
         plan = distributed.on_main(open_run, cfg_node, cfg, out, lock, state.num_processes)
-        handler = log_to_file(out) if state.is_main_process else None
+        handler = log_to_file(out) if is_main else None
         if plan["action"] != "none":
             train(cfg, out, plan)
+        finished = True
     finally:
         if lock is not None:
             lock.release()
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-    is_main = state.is_main_process
-    distributed.teardown()
+        finish_wandb(failed=not finished)
+        distributed.teardown(synchronize=finished)  # after a failure a rank may be elsewhere: no barrier
     if is_main and cfg.eval.after_train:
         evaluate_in_subprocess(cfg, out)
     return out
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@hydra_task("asft_repro.train")
 def _main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (ConfigError, RunDirError, FileNotFoundError, NonFiniteLossError) as err:
-        sys.exit(f"asft_repro.train: {err}")
+    run(cfg)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -11,26 +12,34 @@ from typing import Any
 
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from asft_repro.anchor_cache import AnchorRows, completed_base_logits
 from asft_repro.config import MethodConfig
+from asft_repro.diskspace import disk_full_message, is_disk_full
+from asft_repro.errors import ProjectError
+from asft_repro.fsdp import ShardLayout, retied, shard_on_cpu
 from asft_repro.jsonl import append_jsonl
+from asft_repro.kl_schedule import KLController
 from asft_repro.fused_head import (FusedLoss, auto_chunk_rows, decoder_and_head, enable_fused_head,
                                    response_hidden, supports_fused_head)
 from asft_repro.losses import loss_and_token_sums, summarize, token_stats
 from asft_repro.reference import prepare_reference_model
+from asft_repro.rundir import RunDirError
 
 
 log = logging.getLogger("asft_repro.train")
 COLLAPSE_PATIENCE = 5  # consecutive logging steps at the uniform floor / with zero gradient
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(ProjectError, FloatingPointError):
     """Raised when a step's loss is NaN/inf, before the optimiser applies it."""
 
 
 class ASFTTrainer(Trainer):
-    """Trainer whose ``compute_loss`` is :func:`asft_repro.losses.compute_loss`.
+    """Trainer whose loss is SFT / DFT / ASFT (``method``): by default from the response-only fused head
+    (:mod:`asft_repro.fused_head`), else from full logits (:func:`asft_repro.losses.loss_and_token_sums`, the
+    chunked logits-level function behind :func:`asft_repro.losses.compute_loss`), both on the same per-chunk math.
 
     The loss is a sum over response tokens divided by ``num_items_in_batch``, the token count
     of the whole accumulated (and, across devices, gathered) batch. The model's forward never
@@ -57,6 +66,41 @@ class ASFTTrainer(Trainer):
         # method.anchor=cache: the base's top-k rows come from an AnchorCache (asft_repro/anchor_cache.py), no base model
         self.anchor_cache = anchor_cache if self.base_model is None else None
         self._metric_sums: dict[str, float] = defaultdict(float)
+        # λ in force per optimizer step (method.kl_schedule, asft_repro/kl_schedule.py); None without a KL term
+        self.kl_control = KLController.from_method(method) if method.uses_kl else None
+        if self.kl_control is not None:
+            self.add_callback(self.kl_control)
+        strategy = "fsdp2" if self.is_fsdp_enabled else "zero3" if self.is_deepspeed_enabled else "ddp"
+        self.add_callback(ShardLayout(strategy, self.args.world_size, sharded=self.is_fsdp_enabled))
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; on CPU gloo ranks with ``fsdp`` set, FSDP2 as on GPUs (asft_repro.fsdp)."""
+        super().create_accelerator_and_postprocess()
+        if shard_on_cpu(self.accelerator, self.args.fsdp_plugin_args):
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (internal calls) stay sharded per rank under FSDP2; an explicit save (final/) gathers the
+        full state dict once (a collective), and rank 0 writes one Hugging Face folder."""
+        if not self.is_fsdp_enabled or _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        state_dict = self.accelerator.get_state_dict(self.model)  # full tensors on rank 0, {} elsewhere
+        if self.args.should_save:  # Trainer._save: the writer save_model itself uses (weights, tokenizer, args)
+            self._save(output_dir or self.args.output_dir, state_dict=retied(state_dict, self.model))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint save; a full disk ends the run as one RunDirError line, and the partial folder is
+        removed (rank 0) so the last complete checkpoint is the one a resume finds."""
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise RunDirError(disk_full_message(folder.name, folder.parent, "rerun with train.resume=true (it continues "
+                                                "from the last complete checkpoint)")) from err
 
     def _cached_anchor(self, inputs: dict) -> AnchorRows | None:
         """The batch's cached base rows (by the collator's ``record_key``), or None without a cache."""
@@ -77,7 +121,7 @@ class ASFTTrainer(Trainer):
             with torch.no_grad():
                 base_hidden = response_hidden(self.base_model, labels=labels, **model_inputs)
             base_head = decoder_and_head(self.base_model)[1]
-        request = FusedLoss(labels, self.method.name, base_hidden, base_head, self.method.kl_coef,
+        request = FusedLoss(labels, self.method.name, base_hidden, base_head, self._kl_coef(),
                             self.method.kl_direction, self.loss_chunk_rows, anchor=anchor)
         loss_rows, stats = model(**model_inputs, from_hidden=request)
         return loss_rows.sum(), token_stats(stats, has_base=base_hidden is not None or anchor is not None)
@@ -93,8 +137,14 @@ class ASFTTrainer(Trainer):
         elif anchor is not None:
             with torch.no_grad():
                 base_logits = completed_base_logits(logits, labels, anchor.to(logits.device), self.loss_chunk_rows)
-        return loss_and_token_sums(logits, labels, self.method.name, base_logits=base_logits, kl_coef=self.method.kl_coef,
+        return loss_and_token_sums(logits, labels, self.method.name, base_logits=base_logits, kl_coef=self._kl_coef(),
                                    kl_direction=self.method.kl_direction, num_items=1, chunk_rows=self.loss_chunk_rows)
+
+    def _kl_coef(self) -> float:
+        """λ for this optimizer step: the schedule's (``method.kl_schedule``), or ``method.kl_coef`` without a KL term."""
+        if self.kl_control is None:
+            return self.method.kl_coef
+        return self.kl_control.coef_at(self.state.global_step, self.state.max_steps)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -109,11 +159,14 @@ class ASFTTrainer(Trainer):
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         if not all(math.isfinite(v) for v in sums.values()):
+            fp16 = " (or use model.dtype=bfloat16 instead of float16)" if self.args.fp16 else ""
             raise NonFiniteLossError(f"non-finite loss at step {self.state.global_step} ({summarize(sums)}); "
-                                     f"lower train.learning_rate, or use model.dtype=bfloat16 instead of float16")
+                                     f"lower train.learning_rate{fp16}")
         if model.training:
             for key, value in sums.items():
                 self._metric_sums[key] += value
+            if self.kl_control is not None:  # the λ used (logged) and this step's KL sums (the adaptive input)
+                self.kl_control.add(sums, self._kl_coef())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -124,6 +177,8 @@ class ASFTTrainer(Trainer):
                 totals = self.accelerator.reduce(totals, reduction="sum")
             logs.update({k: round(v, 6) for k, v in summarize(dict(zip(keys, totals.tolist()))).items()})
             self._metric_sums.clear()
+            if self.kl_control is not None:
+                logs["kl_coef"] = self.kl_control.last_used  # the λ of the latest optimizer step
         super().log(logs, start_time)
 
     def collapse_reason(self) -> str | None:
@@ -143,6 +198,7 @@ class JsonlMetricsCallback(TrainerCallback):
 
 
 CONSOLE_FIELDS = [("loss", "loss", ".4f"), ("ce", "ce", ".4f"), ("dft", "dft", ".4f"), ("kl_forward", "kl", ".4f"),
+                  ("kl_coef", "λ", ".4g"),
                   ("dft_weight_ess", "ess", ".3f"), ("token_prob_mean", "p", ".3f"), ("learning_rate", "lr", ".2e"),
                   ("grad_norm", "gnorm", ".3f")]
 

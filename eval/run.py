@@ -26,48 +26,36 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from asft_repro.cli import run_cli
+from asft_repro.cli import hydra_task, run_cli
 from asft_repro.config import Config, ConfigError, EvalRunConfig, register_configs
+from asft_repro.errors import MissingInputError
+from asft_repro.paths import CONF_DIR
+from asft_repro.rundir import final_problem, redo_final_command
+from asft_repro.tiny_model import ensure_tiny_model
+from asft_repro.weights import structure_problem
 from eval.runner import evaluate
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 RUN_DIR_KEYS = ("run_dir", "benchmarks", "out_dir")  # top-level keys a run_dir invocation may set
 
 
-@dataclass
-class EvalCliConfig(EvalRunConfig):
-    """``python -m eval.run``: EvalRunConfig plus ``run_dir`` (score a training run's model)."""
-
-    run_dir: Optional[str] = None
-
-
-def register_eval_cli() -> None:
-    register_configs()
-    ConfigStore.instance().store(name="eval_cli_schema", node=EvalCliConfig)
-
-
-register_eval_cli()
+register_configs()
 
 
 def resolve_model(model_arg: str) -> str:
     """``tiny`` -> the cached tiny model; a local folder or hub id as is; a missing local path fails clearly."""
     if model_arg == "tiny":
-        from asft_repro.tiny_model import ensure_tiny_model
-
         return str(ensure_tiny_model())
     if not Path(model_arg).is_dir() and (Path(model_arg).exists() or not HUB_ID.fullmatch(model_arg)):
-        raise FileNotFoundError(f"model_path={model_arg}: no such model folder; pass a checkpoint folder "
+        raise MissingInputError(f"model_path={model_arg}: no such model folder; pass a checkpoint folder "
                                 f"(e.g. outputs/<experiment>/<run>/final) or a hub id (org/name)")
     return model_arg
 
@@ -91,15 +79,13 @@ def eval_keys_overridden(task_overrides: list[str]) -> set[str]:
 
     Anything but eval.*, eval=GROUP and RUN_DIR_KEYS is refused: a run_dir is scored as it was configured.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     keys: set[str] = set()
     for override in OverridesParser.create().parse_overrides(list(task_overrides)):
         name = override.key_or_group
         if name in RUN_DIR_KEYS:
             continue
         if name == "eval" and override.package is None:
-            group = CONF_DIR / "eval" / f"{override.value()}.yaml"
+            group = Path(CONF_DIR) / "eval" / f"{override.value()}.yaml"
             keys |= set(OmegaConf.load(group)) if group.exists() else set()
         elif name.startswith("eval."):
             keys.add(name.split(".")[1])
@@ -112,12 +98,12 @@ def eval_keys_overridden(task_overrides: list[str]) -> set[str]:
 def load_run(run_dir: Path, cfg: DictConfig, task_overrides: list[str]) -> tuple[Config, dict[str, Any]]:
     """The run's saved config (with this command line's eval overrides applied) and its run.json."""
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run_dir={run_dir}: no such directory; pass a training run's folder "
+        raise MissingInputError(f"run_dir={run_dir}: no such directory; pass a training run's folder "
                                 f"(outputs/<experiment>/<run>)")
     config_file, record_file = run_dir / "config.yaml", run_dir / "run.json"
     for path in (config_file, record_file):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; run_dir must be a folder written by python -m asft_repro.train "
+            raise MissingInputError(f"{path} not found; run_dir must be a folder written by python -m asft_repro.train "
                                     f"(it saves config.yaml and run.json)")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_file))
@@ -158,15 +144,31 @@ def log_to_wandb(cfg: Config, run_dir: Path, wandb_id: str, metrics: dict[str, A
     wandb.finish()
 
 
+def check_weights(model_path: str, record: dict[str, Any] | None = None) -> None:
+    """ConfigError (one line, naming the file) for a model folder whose weights differ from run.json's
+    ``final_files`` (sizes and sha256s; a training run) or are torn (any local folder); nothing for a hub id."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return
+    problem = final_problem(folder, record) if record else None
+    if problem:
+        raise ConfigError(f"{problem}, so it is not scored; re-save it with `{redo_final_command(record)}` "
+                          f"(or retrain)")
+    problem = structure_problem(folder)
+    if problem:
+        raise ConfigError(f"{problem}: it cannot be scored; re-save the model or pass another model_path")
+
+
 def run(cfg: DictConfig, task_overrides: list[str]) -> dict[str, Any]:
     """What ``main`` does, given the composed config and the command line's overrides; returns metrics."""
-    cli: EvalCliConfig = OmegaConf.to_object(cfg)
+    cli: EvalRunConfig = OmegaConf.to_object(cfg)
     if cli.run_dir:
         if cli.model_path:
             raise ConfigError("give model_path=... or run_dir=..., not both (run_dir scores the model in its run.json)")
         run_dir = Path(cli.run_dir)
         run_cfg, record = load_run(run_dir, cfg, task_overrides)
         model_path = resolve_model(record["model_path"])
+        check_weights(model_path, record)
         metrics = evaluate(run_cfg, model_path, Path(cli.out_dir) if cli.out_dir else run_dir / "eval",
                            cli.benchmarks or run_cfg.eval.benchmarks)
         if record.get("wandb_id") and "wandb" in run_cfg.train.report_to:
@@ -174,16 +176,15 @@ def run(cfg: DictConfig, task_overrides: list[str]) -> dict[str, Any]:
         return metrics
     model_arg = cli.model_path or cli.model.path
     model_path = resolve_model(model_arg)
+    check_weights(model_path)
     root = Path(cli.out_dir) if cli.out_dir else default_eval_root(model_arg, model_path)
     return evaluate(cli, model_path, root, cli.benchmarks)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="eval_run", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="eval_run", version_base="1.3")
+@hydra_task("eval.run")
 def _main(cfg: DictConfig) -> None:
-    try:
-        run(cfg, list(HydraConfig.get().overrides.task))
-    except (ConfigError, OSError, ValueError, ImportError) as err:
-        sys.exit(f"eval.run: {_first_line(err)}")
+    run(cfg, list(HydraConfig.get().overrides.task))
 
 
 def main() -> None:

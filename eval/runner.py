@@ -1,13 +1,14 @@
 """Score a model on benchmark files; resumable per-sample outputs and one metrics.json.
 
 Results are keyed by what produced them. ``evaluate(cfg, model_path, eval_root)`` fingerprints the
-model (its path and, for a local folder, the names, sizes and mtimes of its weight files), every
+model (``asft_repro.files.model_fingerprint``: a local folder's weight files and config; a hub id), every
 benchmark file read (sha256), the prompt template used, mc_mode, backend, dtype and the sampling
 settings, and writes into ``eval_root/<settings_hash>/``::
 
     settings.json       the fingerprint, human-readable
     <benchmark>.jsonl   per-sample records, appended as batches finish; a rerun resumes from them
     metrics.json        scores + settings_hash + settings
+    .lock               while an evaluator writes the folder (one at a time: a second one is refused)
 
 Change any of those settings and the results go to a new subfolder: records are never reused for
 settings other than the ones that produced them.
@@ -30,9 +31,10 @@ eval.batch_size), which can flip a near-tie.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
-import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -43,61 +45,60 @@ import threading
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from asft_repro.config import ConfigError
-from asft_repro.files import write_json_atomic
+from asft_repro.benchmarks import (average_label, benchmark_kind, domain_benchmarks, domains, known_benchmarks,
+                                   members)
+from asft_repro.config import SAMPLING_KEYS, ConfigError
+from asft_repro.diskspace import naming_disk_errors
+from asft_repro.errors import MissingInputError, ProjectError
+from asft_repro.paths import REPO_ROOT, benchmark_file
+from asft_repro.files import model_fingerprint, sha256_file, short_hash, write_json_atomic
 from asft_repro.jsonl import append_jsonl, read_jsonl
+from asft_repro.modeling import load_tokenizer
+from asft_repro.rundir import RunDirError, RunLock
 from asft_repro.prompts import LETTERS, render_mcq, render_mcq_scoring, render_prompt, stop_strings, truncate_at_stop
+from eval import backends
 from eval.backends import GenerationBackend, Sampling, make_backend
 from eval.graders import extract_choice, grade_math
 
-SOURCES = Path(__file__).resolve().parent.parent / "conf" / "prep" / "sources.yaml"
-DOMAIN_AVG = {"math": "Math Avg", "medical": "Medical Avg"}
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "config.json")
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "n_samples", "seed", "limit")
+log = logging.getLogger(__name__)
+
 LETTER_MODES = ("loglik", "paper_fallback")  # multiple choice scored from the next token after "Answer:"
 PAPER_LETTERS = ("A", "B", "C", "D")  # the paper's evaluator looks for these whatever the number of options
 PAPER_TOPK = 10  # its logprobs=10
-ROOT = Path(__file__).resolve().parent.parent
 PART = re.compile(r"\.part(\d+)of(\d+)\.jsonl")
 
 
-class WorkerError(ChildProcessError):
+class WorkerError(ProjectError, ChildProcessError):
     """A data-parallel eval worker failed; the message names it and its last stderr line."""
-
-
-def source_config() -> Any:
-    return OmegaConf.load(SOURCES)
 
 
 def resolve_benchmarks(names: list[str] | None, domain: str) -> list[str]:
     """Reported benchmark names (groups such as mmlu_medical kept whole); unknown names fail clearly."""
-    sources = source_config()
-    names = list(names) if names else list(sources.domains[domain])
-    known = set(sources.benchmarks) | set(sources.benchmark_groups)
+    names = list(names) if names else domain_benchmarks(domain)
+    known = known_benchmarks()
     for name in names:
         if name not in known:
-            raise ValueError(f"unknown benchmark '{name}'; choose from {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown benchmark '{name}'; choose from {', '.join(sorted(known))}")
     return names
 
 
 def load_items(name: str, benchmarks_dir: Path, limit: int | None) -> tuple[list[dict], dict[str, str]]:
     """Items of a benchmark (a group's members pooled) and the sha256 of each file read."""
-    sources = source_config()
-    members = list(sources.benchmark_groups[name]) if name in sources.benchmark_groups else [name]
     items, hashes = [], {}
-    for member in members:
-        path = benchmarks_dir / member / "test.jsonl"
+    for member in members(name):
+        path = benchmark_file(benchmarks_dir, member)
         if not path.exists():
-            raise FileNotFoundError(f"benchmark file {path} not found; run `python -m data_prep benchmarks=[{name}]` "
+            raise MissingInputError(f"benchmark file {path} not found; run `python -m data_prep benchmarks=[{name}]` "
                                     f"(add local_dir=DIR offline) or set eval.benchmarks_dir")
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         items += rows[:limit] if limit else rows
-        hashes[member] = hashlib.sha256(path.read_bytes()).hexdigest()
+        hashes[member] = sha256_file(path)
     return items, hashes
 
 
@@ -136,15 +137,11 @@ def check_mc_mode(ecfg: Any, names: list[str], backend: Any = None) -> None:
     """ConfigError (one line) when mc_mode=paper_fallback meets a backend that reports no top first tokens."""
     if ecfg.mc_mode != "paper_fallback":
         return
-    sources = source_config()
-    members = [m for n in names for m in (sources.benchmark_groups[n] if n in sources.benchmark_groups else [n])]
-    if not any(sources.benchmarks[m].kind == "multiple_choice" for m in members):
+    if not any(benchmark_kind(n) == "multiple_choice" for n in names):
         return
     if backend is None:
-        from eval import backends
-
-        backend = {"hf": getattr(backends, "HFBackend", None), "vllm": getattr(backends, "VLLMBackend", None),
-                   "openai": getattr(backends, "OpenAIServerBackend", None)}.get(ecfg.backend)
+        backend = {"hf": backends.HFBackend, "vllm": backends.VLLMBackend,
+                   "openai": backends.OpenAIServerBackend}.get(ecfg.backend)
     if not callable(getattr(backend, "next_token_topk", None)):
         raise ConfigError(f"eval.mc_mode=paper_fallback is invalid with eval.backend={ecfg.backend} (it reports no "
                           f"top-{PAPER_TOPK} first tokens); use eval.backend=hf, or eval.mc_mode=loglik")
@@ -191,12 +188,25 @@ def item_key(item: dict) -> str:
     return f"{item['benchmark']}/{item['id']}"
 
 
+def read_records(path: Path) -> dict[str, dict]:
+    """``path``'s records by item key, each key once (its last record); a file holding a key twice (two evaluators
+    that appended to one folder) is rewritten without the repeats."""
+    records = read_jsonl(path)
+    done = {item_key(record): record for record in records}
+    if len(done) < len(records):
+        log.warning("%s: %d repeated record(s) of the same items dropped", path, len(records) - len(done))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in done.values()), encoding="utf-8")
+        os.replace(tmp, path)
+    return done
+
+
 def score_items(name: str, items: list[dict], backend: GenerationBackend, cfg: Any, template: str, tokenizer: Any,
                 out_file: Path, shard: tuple[int, int] = (0, 1), skip: frozenset[str] | set[str] = frozenset()) -> dict[str, dict]:
     """Score items ``i, i+N, i+2N, ...`` of ``items`` (``shard=(i, N)``; all by default) that neither ``out_file``
     nor ``skip`` holds, appending records to ``out_file`` as batches finish; returns ``out_file``'s records by key."""
     worker, workers = shard
-    done = {item_key(record): record for record in read_jsonl(out_file)}
+    done = read_records(out_file)
     mine = list(range(worker, len(items), workers))
     todo = [index for index in mine if item_key(items[index]) not in done and item_key(items[index]) not in skip]
     sampling = make_sampling(cfg)
@@ -210,7 +220,9 @@ def score_items(name: str, items: list[dict], backend: GenerationBackend, cfg: A
                 # per-item seeds: an item's samples do not depend on its batch or worker
                 records = _score_batch([items[index] for index in same], prompts, backend, cfg, sampling,
                                        [cfg.seed + index for index in same])
-                append_jsonl(out_file, records)
+                with naming_disk_errors("eval records", out_file, ConfigError,
+                                        "rerun the same command (the records written so far are kept)"):
+                    append_jsonl(out_file, records)
                 done.update((item_key(r), r) for r in records)
             bar.update(len(batch))
     return done
@@ -280,8 +292,8 @@ def part_files(out_file: Path, workers: int | None = None) -> list[Path]:
 def merge_parts(out_file: Path, parts: list[Path], items: list[dict]) -> dict[str, dict]:
     """Fold ``parts`` into ``out_file`` (its records and theirs, in the benchmark's item order), delete them;
     returns the records by key. Without parts, ``out_file`` is left as it is."""
-    done: dict[str, dict] = {}
-    for path in (out_file, *parts):
+    done = read_records(out_file)
+    for path in parts:
         for record in read_jsonl(path):
             done.setdefault(item_key(record), record)
     if parts:
@@ -297,21 +309,9 @@ def merge_parts(out_file: Path, parts: list[Path], items: list[dict]) -> dict[st
 
 def domain_average(scores: dict[str, dict], domain: str, metric: str = "accuracy") -> float | None:
     """The paper's average of ``metric``: over all of the domain's benchmarks, or None if any is missing."""
-    names = list(source_config().domains[domain])
+    names = domain_benchmarks(domain)
     values = [scores.get(n, {}).get(metric) for n in names]
     return statistics.fmean(values) if all(v is not None for v in values) else None
-
-
-def model_fingerprint(model_path: str) -> dict[str, Any]:
-    """A local folder: its resolved path and each weight file's size and mtime; a hub id: the id."""
-    folder = Path(model_path)
-    if not folder.is_dir():
-        return {"hub_id": model_path}
-    weights = {}
-    for path in sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()}):
-        stat = path.stat()
-        weights[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return {"path": str(folder.resolve()), "weights": weights}
 
 
 def eval_settings(cfg: Any, model_path: str, template: str, benchmark_sha256: dict[str, dict[str, str]]) -> dict[str, Any]:
@@ -326,8 +326,7 @@ def eval_settings(cfg: Any, model_path: str, template: str, benchmark_sha256: di
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
-    payload = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    return short_hash(settings)
 
 
 def gpu_ids(cuda_visible_devices: str | None, count: int) -> list[str]:
@@ -338,8 +337,6 @@ def gpu_ids(cuda_visible_devices: str | None, count: int) -> list[str]:
 
 
 def visible_gpus() -> list[str]:
-    import torch
-
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return gpu_ids(os.environ.get("CUDA_VISIBLE_DEVICES"), count)
 
@@ -381,8 +378,6 @@ def _plain(ecfg: Any) -> dict[str, Any]:
 def _tokenizer(backend: Any, template: str, model_path: str) -> Any:
     tokenizer = getattr(backend, "tokenizer", None)
     if tokenizer is None and template == "chat":
-        from asft_repro.modeling import load_tokenizer
-
         tokenizer = load_tokenizer(model_path)
     return tokenizer
 
@@ -416,7 +411,7 @@ def run_workers(plan: list[str | None], job: dict[str, Any], jobs: list[dict[str
     worker i with CUDA_VISIBLE_DEVICES=plan[i]; wait for all; WorkerError naming the first that failed."""
     workers = len(plan)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     lock, procs = threading.Lock(), []
     try:
         for worker, (devices, benchmarks) in enumerate(zip(plan, jobs)):
@@ -450,19 +445,24 @@ def run_workers(plan: list[str | None], job: dict[str, Any], jobs: list[dict[str
                           f"command to resume")
 
 
+def run_worker_job(job: dict[str, Any]) -> None:
+    """One worker's job (what :func:`run_workers` sends): score its shard of each benchmark into its part files."""
+    ecfg = SimpleNamespace(**job["eval"])
+    backend = make_backend(ecfg, job["model_path"], job["dtype"])
+    try:
+        tokenizer = _tokenizer(backend, job["template"], job["model_path"])
+        for bench in job["benchmarks"]:
+            score_items(bench["name"], bench["items"], backend, ecfg, job["template"], tokenizer,
+                        Path(bench["out_file"]), (job["worker"], job["workers"]), set(bench["skip"]))
+    finally:
+        backend.close()  # the engine's memory goes back before this process reports
+
+
 def worker_main() -> int:
     """``python -m eval.runner --worker``: score one shard of each benchmark described by the JSON on stdin."""
     job = json.load(sys.stdin)
     try:
-        ecfg = SimpleNamespace(**job["eval"])
-        backend = make_backend(ecfg, job["model_path"], job["dtype"])
-        try:
-            tokenizer = _tokenizer(backend, job["template"], job["model_path"])
-            for bench in job["benchmarks"]:
-                score_items(bench["name"], bench["items"], backend, ecfg, job["template"], tokenizer,
-                            Path(bench["out_file"]), (job["worker"], job["workers"]), set(bench["skip"]))
-        finally:
-            backend.close()  # the engine's memory goes back before this process reports
+        run_worker_job(job)
     except Exception as err:  # noqa: BLE001 - reported to the parent as this process's last stderr line
         traceback.print_exc()
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -487,13 +487,32 @@ def evaluate_data_parallel(plan: list[str | None], ecfg: Any, model_path: str, d
                 jobs[worker].append({"name": name, "items": items, "out_file": str(part), "skip": sorted(main)})
     job = {"eval": _plain(ecfg), "model_path": model_path, "dtype": dtype, "template": template}
     if any(jobs):
-        print(f"[eval] {sum(map(bool, jobs))} of {workers} data-parallel workers scoring into {out_dir}", flush=True)
+        log.info("%d of %d data-parallel workers scoring into %s", sum(map(bool, jobs)), workers, out_dir)
         run_workers(plan, job, jobs, out_dir)
     scores = {}
     for name, (items, _hashes) in loaded.items():
         out_file = out_dir / f"{name}.jsonl"
         scores[name] = benchmark_scores(items, merge_parts(out_file, part_files(out_file), items))
     return scores
+
+
+@contextlib.contextmanager
+def one_evaluator(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir``'s lock (:class:`asft_repro.rundir.RunLock`: pid, host, heartbeat, stale takeover) while
+    scoring into it; a second evaluator is refused in one line. A block that fails leaving the folder empty
+    removes it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir)
+    try:
+        lock.acquire()
+    except RunDirError as err:
+        raise ConfigError(f"another evaluation is already scoring this model with these settings: {err}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()  # only when empty: a model that failed to load leaves nothing behind
 
 
 def evaluate(cfg: Any, model_path: str, eval_root: Path, benchmarks: list[str] | None = None) -> dict[str, Any]:
@@ -507,33 +526,39 @@ def evaluate(cfg: Any, model_path: str, eval_root: Path, benchmarks: list[str] |
     out_dir = Path(eval_root) / key
     plan = data_parallel_plan(ecfg)
     check_mc_mode(ecfg, names)
+    backend = tokenizer = None
     if len(plan) == 1:
         backend = make_backend(ecfg, model_path, cfg.model.dtype)  # a model that cannot load fails before any write
-        check_mc_mode(ecfg, names, backend)
-        tokenizer = _tokenizer(backend, template, model_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "settings.json", settings)
-    if len(plan) == 1:
-        scores = {}
-        try:
-            for name, (items, _hashes) in loaded.items():
-                out_file = out_dir / f"{name}.jsonl"
-                merge_parts(out_file, part_files(out_file), items)  # records of an earlier data-parallel run
-                scores[name] = score_benchmark(name, items, backend, ecfg, template, tokenizer, out_file)
-        finally:
+    try:
+        if backend is not None:
+            check_mc_mode(ecfg, names, backend)
+            tokenizer = _tokenizer(backend, template, model_path)
+        with one_evaluator(out_dir):  # a second evaluation of the same model and settings is refused
+            write_json_atomic(out_dir / "settings.json", settings)
+            if backend is not None:
+                scores = {}
+                for name, (items, _hashes) in loaded.items():
+                    out_file = out_dir / f"{name}.jsonl"
+                    merge_parts(out_file, part_files(out_file), items)  # records of an earlier data-parallel run
+                    scores[name] = score_benchmark(name, items, backend, ecfg, template, tokenizer, out_file)
+            else:
+                scores = evaluate_data_parallel(plan, ecfg, model_path, cfg.model.dtype, template, loaded, out_dir)
+            metrics = {
+                "model_path": model_path, "benchmarks": scores, "settings_hash": key, "settings": settings,
+                "averages": {average_label(domain): domain_average(scores, domain) for domain in domains()},
+                "mean_acc_averages": {average_label(domain): domain_average(scores, domain, "mean_acc")
+                                      for domain in domains()},
+                "sampling": {**{k: getattr(ecfg, k) for k in ("backend", "mc_mode", *SAMPLING_KEYS)},
+                             "stop": settings["stop"]},
+                "template": template,
+                "benchmark_sha256": {m: h for _items, hashes in loaded.values() for m, h in hashes.items()},
+            }
+            write_json_atomic(out_dir / "metrics.json", metrics)
+    finally:
+        if backend is not None:
             backend.close()  # a second evaluation in this process starts with the memory back
-    else:
-        scores = evaluate_data_parallel(plan, ecfg, model_path, cfg.model.dtype, template, loaded, out_dir)
-    metrics = {
-        "model_path": model_path, "benchmarks": scores, "settings_hash": key, "settings": settings,
-        "averages": {label: domain_average(scores, domain) for domain, label in DOMAIN_AVG.items()},
-        "mean_acc_averages": {label: domain_average(scores, domain, "mean_acc") for domain, label in DOMAIN_AVG.items()},
-        "sampling": {**{k: getattr(ecfg, k) for k in ("backend", "mc_mode", *SAMPLING_KEYS)}, "stop": settings["stop"]},
-        "template": template, "benchmark_sha256": {m: h for _items, hashes in loaded.values() for m, h in hashes.items()},
-    }
-    write_json_atomic(out_dir / "metrics.json", metrics)
     summary = ", ".join(f"{k} {v['accuracy']:.1f}" for k, v in scores.items() if v["accuracy"] is not None)
-    print(f"[eval] {model_path} -> {out_dir}: {summary}")
+    log.info("%s -> %s: %s", model_path, out_dir, summary)
     return metrics
 
 

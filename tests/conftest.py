@@ -1,8 +1,13 @@
-"""Shared fixtures: composed configs, a fixture-data prep, the tiny model."""
+"""Shared fixtures: composed configs, a fixture-data prep, the tiny model, evaluation in-process."""
 
 from __future__ import annotations
 
+import importlib
+import json
+import logging
 import os
+import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,49 @@ CONF = str(ROOT / "conf")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+ENTRY = {"data_prep": "data_prep.__main__"}  # module users type -> module holding main()
+
+
+def exit_status(code: object) -> tuple[int, str]:
+    """(exit code, what the interpreter prints) for ``SystemExit(code)``."""
+    if code is None:
+        return 0, ""
+    if isinstance(code, int):
+        return code, ""
+    return 1, f"{code}\n"
+
+
+def run_in_process(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """``python -m module *argv`` in this process (``main()`` with ``sys.argv`` patched): (exit code, stderr including
+    the SystemExit message as the interpreter would print it, stdout)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    main = importlib.import_module(ENTRY.get(module, module)).main
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    capsys.readouterr()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # Hydra points logging at this test's captured stdout: restored below
+    code, tail = 0, ""
+    try:
+        main()
+    except SystemExit as exit_:
+        code, tail = exit_status(exit_.code)
+    except Exception:  # what the interpreter would print as a traceback
+        code, tail = 1, traceback.format_exc()
+    finally:
+        GlobalHydra.instance().clear()
+        root.handlers[:], root.level = handlers, level
+    captured = capsys.readouterr()
+    return code, captured.err + tail, captured.out
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: two workers on two cores, one thread each
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def compose_config(name: str, overrides: list[str] | None = None):
@@ -37,8 +85,41 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
+# ASFT on the 64-record math fixture, 4 steps of 2 micro-batches of 8: the reference run of several modules
+ASFT_RUN = ["experiment=demo", "data.size=64", "method=asft", "train.max_steps=4", "train.global_batch_size=16",
+            "train.per_device_batch_size=8", "train.report_to=[]", "eval.after_train=false", "train.save_strategy=steps",
+            "train.save_steps=2", "train.save_total_limit=null"]
+
+
+@pytest.fixture(scope="session")
+def asft_run(tmp_path_factory, demo_data, tiny_model_path) -> Path:
+    """:data:`ASFT_RUN` trained once (checkpoints at steps 2 and 4, final/): resume, 1 vs 2 ranks and the fused
+    head vs the logits path all compare against it. Tests copy it before changing anything."""
+    from asft_repro.train import run
+
+    out = tmp_path_factory.mktemp("asft_run") / "run"
+    return run(compose_config("config", [*ASFT_RUN, f"data.data_dir={demo_data}", f"output_dir={out}"]))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     from asft_repro.tiny_model import ensure_tiny_model
 
     return str(ensure_tiny_model())
+
+
+@pytest.fixture(autouse=True)
+def eval_in_process(request, monkeypatch):
+    """Training's ``eval.after_train`` scores the final model in this process instead of a fresh
+    ``python -m eval.run run_dir=...`` (the same ``evaluate`` call on the same config): a fresh Python per run
+    costs seconds. Tests marked ``subprocess_eval``, and every CLI test (a real subprocess), keep the child."""
+    if request.node.get_closest_marker("subprocess_eval"):
+        return
+    import asft_repro.train
+    from eval.runner import evaluate
+
+    def evaluate_here(cfg, out: Path) -> None:
+        record = json.loads((out / "run.json").read_text())
+        evaluate(cfg, record["model_path"], out / "eval", cfg.eval.benchmarks)
+
+    monkeypatch.setattr(asft_repro.train, "evaluate_in_subprocess", evaluate_here)

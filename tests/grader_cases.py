@@ -3,9 +3,10 @@
 Each case is ``(category, generated, gold, expected)``:
 
 * math categories (``math500``, ``minerva``, ``olympiadbench``, ``aime``, ``amc``, ``percent``,
-  ``final_marker``, ``gold_format``, ``truncated``): ``gold`` is the benchmark's gold string and ``expected``
-  whether the generation is correct. ``truncated`` cases are graded with ``truncated=True`` (the generation
-  hit the token limit); a human does not credit a cut-off text that never stated its answer.
+  ``final_marker``, ``gold_format``, ``truncated``, ``sanity_check``, ``word_answer``, ``math_new_turn``,
+  ``spaced_numbers``): ``gold`` is the benchmark's gold string and ``expected`` whether the generation is
+  correct. ``truncated`` cases are graded with ``truncated=True`` (the generation hit the token limit); a human
+  does not credit a cut-off text that never stated its answer.
 * multiple-choice categories (``mc_*``): ``gold`` is the tuple of options and ``expected`` the letter a
   human reads from the text, or None when the text commits to no single option.
 
@@ -600,5 +601,47 @@ HARD = [
     ("minerva", r"$\boxed{\frac{dx}{dt} = kx + a}$", r"\frac{d x}{d t}=k x-a", False),
 ]
 
+# Held-out gaps (issue #18), labelled before the graders were fixed: a lone lowercase letter is a choice; a
+# hallucinated new "### Instruction:" turn is not part of the answer; a sanity check after a restated answer is not
+# the answer; a word answer without a box is read from the concluding sentence; two numbers are not their sum.
+# Hard negatives beside each.
+NEW_TURN = N + N + "### Instruction:" + N
+HELD_OUT = [
+    ("mc_lone_letter", "b", LIVER, "B"),
+    ("mc_lone_letter", "c.", LIVER, "C"),
+    ("mc_lone_letter", "(d)", LIVER, "D"),
+    ("mc_lone_letter", "a" + N + "The liver stores glycogen.", LIVER, "A"),
+    ("mc_lone_letter", "e", LIVER, None),
+    ("mc_lone_letter", "a patient with diabetes lacks insulin.", LIVER, None),
+    ("mc_new_turn", "The answer is C." + NEW_TURN + "Which organ filters the blood?" + N + "A. Liver" + N + "B. Kidney"
+     + N + N + "### Response:" + N + "The answer is B.", LIVER, "C"),
+    ("mc_new_turn", "C" + NEW_TURN + "What is the capital of France?" + N + N + "### Response:" + N + "The answer is A.",
+     LIVER, "C"),
+    ("mc_new_turn", "Insulin comes from the pancreas. So the answer to this question is C." + N + N
+     + "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+     + NEW_TURN + "Which vitamin is made in the skin?" + N + N + "### Response:" + N + "D", LIVER, "C"),
+    ("mc_new_turn", NEW_TURN.lstrip() + "Which organ filters the blood?" + N + N + "### Response:" + N + "B", LIVER, None),
+    ("sanity_check", "The sum is 24. To double-check: 10 + 14 = 24 and 30 - 6 = 24, so 7 * 3 = 21.", "24", True),
+    ("sanity_check", "So there are 12 apples in all. Let us verify with another grouping: 2 boxes give 8, and 8 + 5 = 13.",
+     "12", True),
+    ("sanity_check", "So there are 13 apples in all. Let us verify with another grouping: 2 boxes give 8, and 8 + 4 = 12.",
+     "12", False),
+    ("sanity_check", "Hence the perimeter is 30 cm. Sanity check: a 5 by 10 rectangle has perimeter 2(5 + 10) = 30, "
+     "area 50.", "30", True),
+    ("word_answer", "Evelyn covers 4.5 miles in 1.25 hours. Therefore, Evelyn has the greatest average speed.",
+     r"\text{Evelyn}", True),
+    ("word_answer", "Therefore, Angela has the greatest average speed.", r"\text{Evelyn}", False),
+    ("word_answer", "Evelyn is not the fastest; therefore, Angela has the greatest average speed.", r"\text{Evelyn}", False),
+    ("word_answer", "Angela ran 2 miles in an hour; therefore, Evelyn is not the fastest.", r"\text{Evelyn}", False),
+    ("word_answer", "Walking along the arrow, the car ends up heading east.", r"\text{east}", True),
+    ("math_new_turn", r"The answer is $\boxed{5}$." + NEW_TURN + "Compute $2+2$." + N + N + "### Response:" + N
+     + r"$\boxed{4}$", "5", True),
+    ("spaced_numbers", "The answer is $\\boxed{1" + N + "1}$.", "2", False),  # seen in the demo's report: not 1 + 1
+    ("spaced_numbers", r"The answer is $\boxed{1\,000}$.", "1000", True),  # thin-space thousands
+    ("spaced_numbers", r"The answer is $\boxed{32\,348}$.", "32348", True),
+    ("math_new_turn", r"The answer is $\boxed{4}$." + NEW_TURN + "Compute $2+3$." + N + N + "### Response:" + N
+     + r"$\boxed{5}$", "5", False),
+]
+
 CASES = (MATH500 + MINERVA + OLYMPIAD + AIME + AMC + PERCENT + FINAL_MARKER + GOLD_FORMAT + TRUNCATED
-         + MC_PHRASING + MC_NEGATION + MC_ARTICLE + MC_OPTION_TEXT + MORE + HARD)
+         + MC_PHRASING + MC_NEGATION + MC_ARTICLE + MC_OPTION_TEXT + MORE + HARD + HELD_OUT)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -15,13 +16,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from asft_repro.anchor_cache import (MANIFEST, AnchorRows, anchor_grad, anchor_stats, anchor_terms, complete_log_probs,
+from asft_repro.anchor_cache import (MANIFEST, AnchorRows, anchor_grad, anchor_kl_into, anchor_terms, complete_log_probs,
                                      completed_base_logits, read_manifest, read_shard, topk_rows)
 from asft_repro.config import ConfigError
 from asft_repro.fused_head import FusedLoss, enable_fused_head, response_hidden
 from asft_repro.files import sha256_file
 from asft_repro.losses import IGNORE_INDEX, chunk_grad, chunk_stats, loss_and_token_sums, summarize, token_stats
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, run_in_process
 from test_fused_head import VOCAB, make_batch, make_models
 
 K = 128  # the default top-k; < the tiny vocabulary (640), so the estimator (not the exact distribution) is exercised
@@ -89,7 +90,7 @@ def test_cache_round_trip_matches_the_base(anchor_data, tiny_model_path):
         assert torch.allclose(rows.log_rest.double(), rest, atol=1e-4)
 
 
-def test_mismatched_cache_is_refused_naming_the_build_command(anchor_data, tiny_model_path, tmp_path):
+def test_mismatched_cache_is_refused_naming_the_build_command(anchor_data, tiny_model_path, tmp_path, monkeypatch, capsys):
     from asft_repro.anchor import find_anchor_cache
     from asft_repro.data import load_train_dataset
     from asft_repro.modeling import load_tokenizer
@@ -117,22 +118,22 @@ def test_mismatched_cache_is_refused_naming_the_build_command(anchor_data, tiny_
     other.unlink()
     # through the training command: one line, before any run directory is written
     out = tmp_path / "refused"
-    done = subprocess.run([sys.executable, "-m", "asft_repro.train", *RUN, f"data.data_dir={anchor_data}", "data.size=64",
-                           "method.anchor=cache", f"method.anchor_k={K}", "data.max_length=96", f"output_dir={out}"],
-                          cwd=ROOT, capture_output=True, text=True)
-    last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 1 and last.startswith("asft_repro.train: method.anchor=cache: ") and "python -m asft_repro.anchor" in last
+    code, err, _ = run_in_process("asft_repro.train", [*RUN, f"data.data_dir={anchor_data}", "data.size=64", "method.anchor=cache",
+                                                      f"method.anchor_k={K}", "data.max_length=96", f"output_dir={out}"],
+                                  monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("asft_repro.train: method.anchor=cache: ") and "python -m asft_repro.anchor" in last
     assert not out.exists()
 
 
-def test_resume_of_a_half_built_cache(demo_data, tiny_model_path, tmp_path):
+def test_resume_of_a_half_built_cache(demo_data, tiny_model_path, tmp_path, caplog):
     from asft_repro.anchor import build_anchor_cache, find_anchor_cache
     from asft_repro.data import load_train_dataset
     from asft_repro.modeling import load_tokenizer
 
     shutil.copytree(demo_data / "numina_cot" / "64", tmp_path / "numina_cot" / "64")
-    cfg = _config(tmp_path)
-    folder = build_anchor_cache(cfg, records_per_shard=16, log=lambda line: None)
+    cfg = _config(tmp_path, "anchor.records_per_shard=16")
+    folder = build_anchor_cache(cfg)
     manifest = read_manifest(folder)
     assert manifest["num_shards"] == 4
     # killed while writing the last shard: its manifest entry is empty, a temp file is left, the shard is gone
@@ -143,8 +144,10 @@ def test_resume_of_a_half_built_cache(demo_data, tiny_model_path, tmp_path):
     keys = load_train_dataset(cfg.data, load_tokenizer(tiny_model_path), with_keys=True)["record_key"]
     with pytest.raises(ConfigError, match="is half-built; build it with"):
         find_anchor_cache(cfg, keys)
-    lines: list[str] = []
-    assert build_anchor_cache(cfg, records_per_shard=16, log=lines.append) == folder
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="asft_repro.anchor"):
+        assert build_anchor_cache(cfg) == folder
+    lines = caplog.messages
     assert sum("complete, skipped" in line for line in lines) == 3 and any("shard 4/4: " in line and " rows, " in line for line in lines)
     assert not list(folder.glob("*.tmp*"))
     manifest = read_manifest(folder)
@@ -159,35 +162,37 @@ def test_resume_of_a_half_built_cache(demo_data, tiny_model_path, tmp_path):
         f.write(b"\x00\x01\x02\x03\x04\x05\x06\x07")
     with pytest.raises(ConfigError, match="does not match its sha256"):
         find_anchor_cache(cfg, keys)
-    lines.clear()
-    build_anchor_cache(cfg, records_per_shard=16, log=lines.append)
-    assert sum("complete, skipped" in line for line in lines) == 3
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="asft_repro.anchor"):
+        build_anchor_cache(cfg)
+    assert sum("complete, skipped" in line for line in caplog.messages) == 3
     assert find_anchor_cache(cfg, keys).folder == folder
     # another records_per_shard would shard differently: refused, not mixed
     with pytest.raises(ConfigError, match="built with other settings"):
-        build_anchor_cache(cfg, records_per_shard=8, log=lambda line: None)
+        build_anchor_cache(_config(tmp_path, "anchor.records_per_shard=8"))
 
 
-def test_a_second_build_of_the_same_cache_is_refused_while_one_runs(demo_data, tmp_path):
+def test_a_second_build_of_the_same_cache_is_refused_while_one_runs(demo_data, tmp_path, caplog):
     from asft_repro.anchor import build_anchor_cache
     from asft_repro.rundir import LOCK_FILE, RunLock
 
     shutil.copytree(demo_data / "numina_cot" / "64", tmp_path / "numina_cot" / "64")
-    cfg = _config(tmp_path)
-    folder = build_anchor_cache(cfg, records_per_shard=32, log=lambda line: None)
+    cfg = _config(tmp_path, "anchor.records_per_shard=32")
+    folder = build_anchor_cache(cfg)
     manifest = (folder / MANIFEST).read_text()
     running = RunLock(folder)  # a live builder (this process) holds the folder
     running.acquire()
     try:
         with pytest.raises(ConfigError, match="is being written by pid"):
-            build_anchor_cache(cfg, records_per_shard=32, log=lambda line: None)
+            build_anchor_cache(cfg)
         assert (folder / MANIFEST).read_text() == manifest  # nothing touched
     finally:
         running.release()
     (folder / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname()}))  # a dead builder
-    lines: list[str] = []
-    build_anchor_cache(cfg, records_per_shard=32, log=lines.append)
-    assert sum("complete, skipped" in line for line in lines) == 2 and not (folder / LOCK_FILE).exists()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="asft_repro.anchor"):
+        build_anchor_cache(cfg)
+    assert sum("complete, skipped" in line for line in caplog.messages) == 2 and not (folder / LOCK_FILE).exists()
 
 
 # ---- the estimator ------------------------------------------------------------------------------------
@@ -204,13 +209,12 @@ def _fused(policy, ids, mask, labels, method, direction, base=None, anchor=None,
 
 
 def _base_rows(base, ids, mask, labels) -> torch.Tensor:
-    from asft_repro.fused_head import _logits
-
+    from asft_repro.fused_head import logits_rows
     from asft_repro.losses import chunks
 
     with torch.no_grad():  # the ops the exact path runs on the base's hidden rows, chunk by chunk (5 rows)
         hidden = response_hidden(base, ids, mask, labels)
-        return torch.cat([torch.log_softmax(_logits(hidden[sl], base.lm_head.weight, None, torch.float64), dim=-1)
+        return torch.cat([torch.log_softmax(logits_rows(hidden[sl], base.lm_head.weight, None, torch.float64), dim=-1)
                           for sl in chunks(hidden.shape[0], 5)])
 
 
@@ -283,7 +287,7 @@ def test_topk_estimator_is_the_formula(k, reverse):
     logq = complete_log_probs(logp, cached.ids, cached.logprobs, cached.log_rest)
     dense = chunk_stats(logp, targets, logq, True)
     terms = anchor_terms(logp, cached.ids, cached.logprobs, cached.log_rest)
-    assert torch.allclose(anchor_stats(logp, targets, terms, True), dense, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(anchor_kl_into(chunk_stats(logp, targets, None, True), terms), dense, rtol=1e-10, atol=1e-12)
     ones = torch.ones(n, dtype=torch.float64)
     assert torch.allclose(anchor_grad(logp, targets, terms, dense, 0.3, reverse, ones),
                           chunk_grad(logp, targets, logq, True, 0.3, reverse, ones), rtol=1e-8, atol=1e-13)

@@ -19,25 +19,22 @@ Counting, no script needed::
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 
 FIXTURES = ROOT / "data_prep" / "fixtures"
 TRAIN, PREP, EVAL, TABLES, PLOTS = "asft_repro.train", "data_prep", "eval.run", "asft_repro.tables", "asft_repro.plots"
-ENTRY = {PREP: "data_prep.__main__"}  # module users type -> module holding main()
 BASE_ARGS = {  # valid, quick settings each case's overrides replace key by key
     TRAIN: "data.data_dir={data} data.size=64 eval.benchmarks_dir={data}/benchmarks train.report_to=[] "
            "train.max_steps=1 train.save_strategy=no eval.after_train=false eval.limit=2 eval.max_new_tokens=4",
@@ -229,35 +226,6 @@ def fill(case: Case, values: dict[str, str]) -> list[str]:
     return [arg.format(**values) for arg in merged.values()]
 
 
-def exit_status(code: object) -> tuple[int, str]:
-    """(exit code, what the interpreter prints) for ``SystemExit(code)``."""
-    if code is None:
-        return 0, ""
-    if isinstance(code, int):
-        return code, ""
-    return 1, f"{code}\n"
-
-
-def run_in_process(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """Call ``module.main()`` with ``argv``; (exit code, stderr including the SystemExit message)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    main = importlib.import_module(ENTRY.get(module, module)).main
-    GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", [module, *argv])
-    capsys.readouterr()
-    code, tail = 0, ""
-    try:
-        main()
-    except SystemExit as exit_:
-        code, tail = exit_status(exit_.code)
-    except Exception:  # what the interpreter would print as a traceback
-        code, tail = 1, traceback.format_exc()
-    finally:
-        GlobalHydra.instance().clear()
-    return code, capsys.readouterr().err + tail
-
-
 def run_subprocess(module: str, argv: list[str], cwd: Path) -> tuple[int, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env, capture_output=True, text=True,
@@ -304,7 +272,7 @@ def test_bad_input(case: Case, tmp_path, monkeypatch, capsys, demo_data, tiny_mo
     if case.subprocess:
         code, stderr = run_subprocess(case.module, argv, cwd)
     else:
-        code, stderr = run_in_process(case.module, argv, monkeypatch, capsys)
+        code, stderr, _out = run_in_process(case.module, argv, monkeypatch, capsys)
     after = snapshot(cwd, inputs, demo_data)
     changed = [Path(p).relative_to(tmp_path).as_posix() if p.startswith(str(tmp_path)) else p
                for p in set(before) ^ set(after) | {p for p in before if p in after and before[p] != after[p]}]
@@ -335,7 +303,7 @@ def test_data_errors_name_file_and_fix(tmp_path, text, expected):
     assert isinstance(err.value, ConfigError) and "\n" not in str(err.value) and "; " in str(err.value)
 
 
-def test_empty_responses_are_dropped_and_counted(tmp_path, tiny_model_path, capsys):
+def test_empty_responses_are_dropped_and_counted(tmp_path, tiny_model_path, caplog):
     from asft_repro.config import DataConfig
     from asft_repro.data import load_train_dataset
     from asft_repro.modeling import load_tokenizer
@@ -343,7 +311,7 @@ def test_empty_responses_are_dropped_and_counted(tmp_path, tiny_model_path, caps
     (tmp_path / "train.jsonl").write_text(_lines(GOOD, {**GOOD, "response": " "}, GOOD, {**GOOD, "response": None}))
     dataset = load_train_dataset(DataConfig(train_file=str(tmp_path / "train.jsonl")), load_tokenizer(tiny_model_path))
     assert len(dataset) == 2
-    assert "dropped 2 of 4 records with an empty response (line 2, 4)" in capsys.readouterr().out
+    assert "dropped 2 of 4 records with an empty response (line 2, 4)" in caplog.text
 
 
 def test_max_length_error_gives_prompt_lengths(tmp_path, tiny_model_path):

@@ -68,11 +68,28 @@ def test_wrong_type_fails_at_composition():
         ("train.num_epochs=0", "nothing to train"),
         ("train.strategy=dp", "train.strategy='dp'"),
         ("train.precision=fp8", "train.precision='fp8'"),
+        ("method.kl_schedule=exponential", "method.kl_schedule='exponential' is not known"),
+        ("method.kl_schedule=adaptive method.kl_target=0", r"kl_target=0.0 is invalid .*set a positive KL"),
+        ("method.kl_schedule=adaptive method.kl_target=-0.1", r"kl_target=-0.1 is invalid .*set a positive KL"),
+        ("method.kl_schedule=adaptive", r"kl_target=null is invalid .*set the KL to hold"),
+        ("method.kl_schedule=adaptive method.kl_target=0.1 method.kl_horizon=0", "kl_horizon=0.0 is invalid; set a positive"),
+        ("method.kl_schedule=adaptive method.kl_target=0.1 method.kl_horizon=-5", "kl_horizon=-5.0 is invalid"),
+        ("method.kl_schedule=adaptive method.kl_target=0.1 method.kl_coef_min=0.1", "the adaptive start must lie in the bounds"),
+        ("method.kl_schedule=adaptive method.kl_target=0.1 method.kl_coef_max=0.01", "the adaptive start must lie in the bounds"),
+        ("method.kl_coef_end=0.01", r"kl_coef_end=0.01 is invalid with method.kl_schedule=constant; drop it"),
+        ("method.kl_schedule=linear", r"kl_coef_end=null is invalid with method.kl_schedule=linear"),
+        ("method.kl_schedule=cosine method.kl_coef_end=-1", r"kl_coef_end=-1.0 is invalid .*set it to 0 or more"),
+        ("method.kl_target=0.1", r"kl_target=0.1 is invalid with method.kl_schedule=constant; drop it"),
+        ("method.kl_warmup_steps=5", r"is invalid with method.kl_schedule=constant; drop it"),
+        ("method.kl_schedule=linear method.kl_coef_end=0 method.kl_warmup_steps=5 method.kl_warmup_ratio=0.1",
+         "set only one of them"),
+        ("method=dft method.kl_schedule=linear method.kl_coef_end=0.1", r"kl_schedule=linear is invalid with method.name=dft"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, match):
-    with pytest.raises(ConfigError, match=match):
-        OmegaConf.to_object(compose_config("config", [override]))
+    with pytest.raises(ConfigError, match=match) as err:
+        OmegaConf.to_object(compose_config("config", override.split()))
+    assert "\n" not in str(err.value)
 
 
 def test_run_name_tags():

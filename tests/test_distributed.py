@@ -46,12 +46,10 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, demo_data, tiny_model_path) -> Path:
-    """The reference: one process, 2 micro-batches of 8 accumulated into the global batch of 16."""
-    cwd = tmp_path_factory.mktemp("single")
-    done = train_cli(cwd, demo_data)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return only_run(cwd / "outputs")
+def one_process(asft_run) -> Path:
+    """The reference: one process, 2 micro-batches of 8 accumulated into the global batch of 16 (the shared run:
+    the same training identity as COMMON; checkpointing does not change what is trained)."""
+    return asft_run
 
 
 def assert_matches(run: Path, reference: Path) -> None:
@@ -67,7 +65,7 @@ def assert_matches(run: Path, reference: Path) -> None:
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tmp_path, demo_data, one_process):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     done = train_cli(tmp_path, demo_data, launcher=torchrun, env={"ACCELERATE_USE_CPU": "true"})
     assert done.returncode == 0, done.stderr[-3000:]
     run = only_run(tmp_path / "outputs")
@@ -115,14 +113,20 @@ def test_global_batch_must_split_over_the_real_world_size():
         gradient_accumulation(cfg, 3)
 
 
-def test_sharded_strategies_refuse_to_run_on_cpu():
+def test_zero3_refuses_to_run_on_cpu_and_fsdp2_shards_only_under_a_launcher(monkeypatch):
     from asft_repro.train import strategy_arguments
     from conftest import compose_config
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_object(compose_config("config", ["experiment=demo", "train.strategy=fsdp2"]))
-    with pytest.raises(ConfigError, match="train.strategy=fsdp2 needs CUDA GPUs"):
+    cfg = OmegaConf.to_object(compose_config("config", ["experiment=demo", "train.strategy=zero3"]))
+    with pytest.raises(ConfigError, match="train.strategy=zero3 needs CUDA GPUs.*use train.strategy=fsdp2 or ddp"):
         strategy_arguments(cfg)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)  # strategy_arguments sets it for fsdp2
+    cfg = OmegaConf.to_object(compose_config("config", ["experiment=demo", "train.strategy=fsdp2"]))
+    sharded = strategy_arguments(cfg, launcher=True)  # on CPU too (tests/test_fsdp2.py trains it on 2 gloo ranks)
+    assert sharded["fsdp"] and sharded["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"
+    assert strategy_arguments(cfg, launcher=False) == {"gradient_checkpointing": False}  # one unlaunched process
+    assert "ACCELERATE_USE_FSDP" not in os.environ
 
 
 def _fsdp2_worker(rank: int, init_file: str, model_dir: str, out_file: str) -> None:

@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 
 import eval.run as eval_run  # registers the eval_cli_schema the eval_run config extends
 from asft_repro.config import ConfigError
+from asft_repro.files import model_fingerprint
 from asft_repro.jsonl import JsonlError, append_jsonl, read_jsonl
-from conftest import compose_config
+from conftest import compose_config, run_in_process
 
 
 def score(demo_data: Path, *overrides: str) -> dict:
@@ -93,7 +94,8 @@ def test_checkpoints_named_final_are_scored_apart(tmp_path, demo_data, tiny_mode
     for model, metrics in ((first, m_first), (second, m_second)):
         folder = model.parent / "eval" / "final" / metrics["settings_hash"]
         saved = json.loads((folder / "metrics.json").read_text())
-        assert saved["model_path"] == str(model) and saved["settings"]["model"]["path"] == str(model.resolve())
+        assert saved["model_path"] == str(model)
+        assert saved["settings"]["model"] == model_fingerprint(str(model))  # the one fingerprint every cache uses
         assert json.loads((folder / "settings.json").read_text()) == saved["settings"]
         assert len(records(folder / "math500.jsonl")) == 3
     assert m_first["settings_hash"] != m_second["settings_hash"]
@@ -187,13 +189,14 @@ def test_bad_eval_values_fail_with_one_line(override, message):
         assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-def test_eval_run_cli_errors_are_one_line(tmp_path):
-    bad = cli("eval.limit=0", cwd=tmp_path)
-    assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines()[-1] == "eval.run: eval.limit=0 is invalid; set 1 or more, or null to score every item"
-    missing = cli(f"run_dir={tmp_path / 'nope'}", cwd=tmp_path)
-    assert missing.returncode != 0
-    assert missing.stderr.strip().splitlines()[-1].startswith(f"eval.run: run_dir={tmp_path / 'nope'}: no such directory")
+def test_eval_run_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err, _ = run_in_process("eval.run", ["eval.limit=0"], monkeypatch, capsys)
+    assert code != 0
+    assert err.strip().splitlines()[-1] == "eval.run: eval.limit=0 is invalid; set 1 or more, or null to score every item"
+    code, err, _ = run_in_process("eval.run", [f"run_dir={tmp_path / 'nope'}"], monkeypatch, capsys)
+    assert code != 0
+    assert err.strip().splitlines()[-1].startswith(f"eval.run: run_dir={tmp_path / 'nope'}: no such directory")
 
 
 # --- eval.run run_dir=... ---------------------------------------------------------------------------------

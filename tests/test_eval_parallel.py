@@ -85,6 +85,21 @@ def test_hf_sampling_seeds_are_per_item(tiny_model_path):
 
 # --- worker processes (slow) ------------------------------------------------------------------------------
 
+@pytest.fixture()
+def workers_in_process(monkeypatch):
+    """The parent's split, part files, merge and resume with each worker's job run in this process, one after the
+    other (``run_worker_job``, what a worker process runs): the worker processes themselves are tested by
+    test_two_workers_match_one_process and test_a_failed_worker_is_one_line_and_keeps_its_part."""
+    import eval.runner as runner
+
+    def run_here(plan, job, jobs, out_dir):
+        for worker, benchmarks in enumerate(jobs):
+            if benchmarks:
+                runner.run_worker_job({**job, "worker": worker, "workers": len(plan), "benchmarks": benchmarks})
+
+    monkeypatch.setattr(runner, "run_workers", run_here)
+
+
 @pytest.mark.slow
 def test_two_workers_match_one_process(tmp_path, demo_data, tiny_model_path):
     one = score(demo_data, tmp_path / "one")
@@ -100,7 +115,7 @@ def test_two_workers_match_one_process(tmp_path, demo_data, tiny_model_path):
 
 
 @pytest.mark.slow
-def test_two_workers_match_one_process_when_sampling(tmp_path, demo_data, tiny_model_path):
+def test_two_workers_match_one_process_when_sampling(tmp_path, demo_data, tiny_model_path, workers_in_process):
     sampled = ("eval.temperature=1.0", "eval.n_samples=2", "eval.batch_size=3", "benchmarks=[math500]")
     one = score(demo_data, tmp_path / "one", *sampled)
     two = score(demo_data, tmp_path / "two", *sampled, "eval.data_parallel_size=2")
@@ -109,7 +124,7 @@ def test_two_workers_match_one_process_when_sampling(tmp_path, demo_data, tiny_m
 
 
 @pytest.mark.slow
-def test_a_killed_workers_part_is_resumed(tmp_path, demo_data, tiny_model_path):
+def test_a_killed_workers_part_is_resumed(tmp_path, demo_data, tiny_model_path, workers_in_process):
     out = tmp_path / "ev"
     full = score(demo_data, out, "eval.data_parallel_size=2")
     hashed = folder(out, full)

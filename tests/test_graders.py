@@ -140,6 +140,16 @@ def test_agreement_with_human_labels():
     assert not low, f"categories below 0.9: {low}"
 
 
+def test_held_out_gaps_are_graded_as_a_human_would():
+    """Lone lowercase letters, hallucinated new turns, sanity checks after the answer, unboxed word answers, spaces
+    between numbers."""
+    from grader_cases import HELD_OUT
+
+    table = grader_agreement(cases=HELD_OUT)
+    assert set(table) == {"mc_lone_letter", "mc_new_turn", "sanity_check", "word_answer", "math_new_turn", "spaced_numbers"}
+    assert all(agree == total for agree, total in table.values()), format_agreement(table)
+
+
 def test_truncated_needs_a_final_answer_marker():
     cut = "Total so far: 6 * 7 = 42. Next we subtract those who left, giving 42"
     assert grade_math(cut, "42")[0] is True  # the last number, as before, for a finished generation

@@ -40,7 +40,7 @@ def test_one_prompt_module():
     import data_prep.formatting as formatting
     import eval.runner as runner
 
-    assert data.render_prompt is prompts.render_prompt and data.ALPACA_PROMPT is prompts.ALPACA_PROMPT
+    assert data.render_prompt is prompts.render_prompt
     assert formatting.render_mcq is prompts.render_mcq and formatting.LETTERS is prompts.LETTERS
     math_item = {"kind": "math", "prompt": "1+1?"}
     mc_item = {"kind": "multiple_choice", "prompt": "Q?", "choices": ["a", "b", "c", "d"]}
@@ -281,6 +281,6 @@ def test_chichi56_files_and_pinned_revision_from_the_hub(tmp_path, monkeypatch):
     assert sources_yaml.benchmarks.medmcqa.split == "validation"
 
 
-def test_readme_names_the_scored_medmcqa_split():
-    text = (ROOT / "README.md").read_text()
+def test_docs_name_the_scored_medmcqa_split():
+    text = (ROOT / "docs" / "runs.md").read_text()
     assert "MedMCQA" in text and "validation" in text and "eval=paper" in text

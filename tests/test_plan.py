@@ -21,7 +21,9 @@ def test_memory_follows_the_documented_formula():
     row = plan(["experiment=math_asft_10k"], Hardware()).iloc[0]
     p, w, b, t, h, layers, v = 7.62e9, 8, 4, 2048, 3584, 28, 152064
     expected = {
-        "policy+optim_GB": 16 * p / w, "base_GB": 2 * p / w, "gathered_GB": 2 * 2 * 2 * p / layers,
+        # in bf16: FSDP2's root unit (embedding + untied head), 2 layers of policy and base, the base's head (fused head)
+        "policy+optim_GB": 16 * p / w, "base_GB": 2 * p / w,
+        "gathered_GB": 2 * (2 * v * h + 2 * 2 * (p - 2 * v * h) / layers + v * h),
         "activations_GB": layers * b * t * h * 2 + 17 * b * t * h * 2,
         "head_GB": 4 * 4 * 110 * v + 4 * v * h,  # the fused head: 4 fp32 chunk buffers of 110 rows, fp32 head gradient
     }
@@ -47,3 +49,32 @@ def test_slurm_launcher_sets_the_world_size():
     row = plan(["experiment=math_asft_10k", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4",
                 "hydra.launcher.nodes=2"], Hardware(gpus=1)).iloc[0]
     assert row["ranks"] == 8
+
+
+def test_detectable_effects_from_prepared_files_or_published_sizes(tmp_path, capsys):
+    """The plan prints benchmark -> items -> MDE: prepared files counted (a group's members pooled), else published."""
+    import math
+
+    from asft_repro.plan import detectable_effects
+
+    for member, rows in [("medqa", 40), *((f"mmlu_{s}", 5) for s in ("anatomy", "clinical_knowledge", "college_biology",
+                                                                      "college_medicine", "medical_genetics",
+                                                                      "professional_medicine"))]:
+        (tmp_path / member).mkdir()
+        (tmp_path / member / "test.jsonl").write_text('{"id": 1}\n' * rows)
+    table = plan(["experiment=demo", "data=demo_medical", "method=asft", f"eval.benchmarks_dir={tmp_path}"], Hardware())
+    evals = [{**ev, "tables_dir": str(tmp_path / "tables")} for ev in table.attrs["evals"]]  # no earlier tables run
+    effects = detectable_effects(evals).set_index("benchmark")
+    assert effects.loc["medqa", "n_items"] == 40 and effects.loc["medqa", "items from"] == "prepared file"
+    assert effects.loc["mmlu_medical", "n_items"] == 30 and effects.loc["medmcqa", "n_items"] == 4183
+    assert effects.loc["medmcqa", "items from"] == "published"
+    z = 1.959963984540054 + 0.8416212335729143
+    assert effects.loc["medqa", "MDE_points"] == pytest.approx(100 * z * math.sqrt(0.25 / 40))
+    assert effects.loc["Medical Avg", "MDE_points"] == pytest.approx(100 * z * math.sqrt(0.25 * (1 / 30 + 1 / 40 + 1 / 4183)) / 3)
+    (tmp_path / "tables").mkdir()  # an earlier `tables` run measured medqa's discordance: it is used
+    (tmp_path / "tables" / "comparisons.csv").write_text("benchmark,metric,discordance\nmedqa,acc,0.5\nmedqa,mean_acc,0.1\n")
+    measured = detectable_effects(evals).set_index("benchmark")
+    assert measured.loc["medqa", "discordance"] == 0.5 and measured.loc["medmcqa", "discordance"] == 0.25
+    main(["experiment=table1_math", "method=sft", "data.size=10k", "--discordance", "0.2"])
+    out = capsys.readouterr().out
+    assert "Smallest paired difference" in out and "| math     | aime24" in out and "26.2" in out  # 2.80^2 / 30 > 2.80 * sqrt(.2 / 30)

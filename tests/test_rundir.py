@@ -15,16 +15,14 @@ from safetensors.torch import load_file
 
 from asft_repro.rundir import LOCK_FILE, RunDirError, RunLock, checkpoint_problem
 from asft_repro.train import run
-from conftest import compose_config
+from conftest import ASFT_RUN, compose_config
 
 pytestmark = pytest.mark.slow
 
 
 def cfg_at(out, demo_data, *overrides):
-    return compose_config("config", [
-        "experiment=demo", f"data.data_dir={demo_data}", f"output_dir={out}", "train.report_to=[]", "data.size=64",
-        "method=asft", "eval.after_train=false", "train.save_strategy=steps", "train.save_steps=2",
-        "train.max_steps=4", "train.save_total_limit=null", *overrides])
+    """The config of the shared ``asft_run`` (conftest.ASFT_RUN) writing to ``out``."""
+    return compose_config("config", [*ASFT_RUN, f"data.data_dir={demo_data}", f"output_dir={out}", *overrides])
 
 
 def steps_logged(out) -> list[int]:
@@ -46,10 +44,8 @@ def mark_killed(out) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, demo_data, tiny_model_path):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    run(cfg_at(out, demo_data))
-    return out
+def uninterrupted(asft_run):
+    return asft_run
 
 
 def test_resume_with_another_config_is_refused(tmp_path, demo_data, uninterrupted):
@@ -59,7 +55,7 @@ def test_resume_with_another_config_is_refused(tmp_path, demo_data, uninterrupte
     with pytest.raises(RunDirError, match=r"trained under another config \(train.learning_rate: 0.003 -> 0.001\)"):
         run(cfg_at(out, demo_data, "train.learning_rate=1e-3", "train.resume=true"))
     assert (out / "config.yaml").read_text() == saved  # nothing rewritten
-    run(cfg_at(out, demo_data, "train.resume=true", "train.per_device_batch_size=8"))  # layout changes are fine
+    run(cfg_at(out, demo_data, "train.resume=true", "train.per_device_batch_size=16"))  # layout changes are fine
 
 
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, demo_data, tiny_model_path, caplog):

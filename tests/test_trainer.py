@@ -79,22 +79,21 @@ def test_a_diverged_run_is_flagged_not_silently_complete(tmp_path, demo_data, ti
 
 
 @pytest.mark.slow
-def test_trainer_fused_head_matches_the_logits_path(tmp_path, demo_data, tiny_model_path):
+def test_trainer_fused_head_matches_the_logits_path(tmp_path, demo_data, asft_run):
     import json
 
     from safetensors.torch import load_file
 
     from asft_repro.train import run
+    from conftest import ASFT_RUN
 
-    def train_with(fused: bool):
-        out = run(compose_config("config", [
-            "experiment=demo", f"data.data_dir={demo_data}", "data.size=64", "method=asft", f"output_dir={tmp_path}/{fused}",
-            f"train.fused_head={str(fused).lower()}", "train.max_steps=4", "train.global_batch_size=16",
-            "train.per_device_batch_size=8", "train.report_to=[]", "train.save_strategy=no", "eval.after_train=false"]))
+    def trained(out):
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"ce"' in line]
         return rows, load_file(str(out / "final" / "model.safetensors"))
 
-    (rows, weights), (ref_rows, ref_weights) = train_with(True), train_with(False)
+    logits_run = run(compose_config("config", [*ASFT_RUN, f"data.data_dir={demo_data}", f"output_dir={tmp_path}/logits",
+                                               "train.fused_head=false", "train.save_strategy=no"]))
+    (rows, weights), (ref_rows, ref_weights) = trained(asft_run), trained(logits_run)  # asft_run: the fused head
     for row, ref in zip(rows, ref_rows, strict=True):
         for key in ("loss", "ce", "dft", "kl_forward", "kl_reverse", "dft_weight_ess", "grad_norm"):
             assert row[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (row["step"], key)

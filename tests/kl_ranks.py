@@ -1,0 +1,42 @@
+"""A 2-rank gloo worker for tests/test_kl_schedule.py (spawned; kept apart so each child imports only the controller)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import torch.distributed as dist
+
+from asft_repro.kl_schedule import KLController, all_rank_sum
+
+# each optimizer step: its micro-batches' (KL token sum, tokens); with 2 ranks, rank r holds micro-batch r
+STEPS = [[(3.0, 30.0), (3.5, 10.0)], [(0.5, 5.0), (2.5, 7.0)], [(21.0, 100.0), (1.0, 2.0)], [(8.0, 40.0), (9.0, 41.0)]]
+
+
+def adaptive() -> KLController:
+    return KLController("adaptive", 0.1, kl_target=0.2, kl_horizon=5)
+
+
+def feed(controller: KLController, steps: list[list[tuple[float, float]]]) -> list[float]:
+    """λ used by each optimizer step, the controller updating after each as the trainer's callback does."""
+    used = []
+    for k, micro in enumerate(steps):
+        for kl_sum, tokens in micro:
+            controller.add({"kl_forward_sum": kl_sum, "kl_reverse_sum": -1.0, "num_tokens": tokens},
+                           controller.coef_at(k, len(steps)))
+        used.append(controller.last_used)
+        controller.on_step_end(SimpleNamespace(device="cpu"), None, None)
+    return used
+
+
+def two_ranks(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of 2: its half of STEPS through the controller; writes λ per step and the final λ to out.<rank>."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        controller = adaptive()
+        used = feed(controller, [[micro[rank]] for micro in STEPS])
+        sums = all_rank_sum([1.0, float(rank)])
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"lambda": [*used, controller.coef], "sums": sums}, f)
+    finally:
+        dist.destroy_process_group()

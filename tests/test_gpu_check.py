@@ -1,0 +1,62 @@
+"""``make gpu-check`` as far as it runs without a GPU: its refusal, its report, its tokenizer, its step runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asft_repro import gpu_check
+from asft_repro.gpu_check import Check, Context, padded_tokenizer, run_checks, write_summary
+
+
+def test_refuses_without_cuda_in_one_line(monkeypatch):
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main([])
+    message = str(exit_info.value.code)
+    assert message.startswith("asft_repro.gpu_check: no CUDA GPU is visible") and "\n" not in message
+
+
+def test_summary_json_and_markdown_from_fake_results(tmp_path):
+    results = [Check("model", "pass", "random Qwen2, hidden 3584", 12.0, {"params": 1.5e9}),
+               Check("fsdp2_all_gpus", "skip", "one GPU visible", 0.0),
+               Check("kill_resume", "fail", "final weights max |diff| 3.0e-02 (bound 1e-5)", 80.5)]
+    info = {"gpus": 1, "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.x", "cuda": "12.x", "vllm": True}
+    json_path, md_path = write_summary(results, tmp_path / "gpu_check", info)
+    payload = json.loads(json_path.read_text())
+    assert payload["passed"] is False and payload["seconds"] == 92.5 and payload["machine"]["gpus"] == 1
+    assert [c["status"] for c in payload["checks"]] == ["pass", "skip", "fail"]
+    md = md_path.read_text()
+    assert md.startswith("# GPU check: FAILED") and "1 x NVIDIA H100 80GB HBM3" in md
+    assert "| kill_resume | fail | 80 | final weights max /diff/ 3.0e-02 (bound 1e-5) |" in md  # pipes escaped
+    assert write_summary(results[:2], tmp_path / "ok", info) and \
+        json.loads((tmp_path / "ok" / "summary.json").read_text())["passed"] is True  # a skip is no failure
+
+
+def test_a_failing_step_is_its_row_and_a_failed_model_stops_the_run(tmp_path, capsys):
+    def model(ctx):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    def later(ctx):
+        raise AssertionError("must not run")
+
+    ctx = Context(out=tmp_path, shape={}, layers=2, gpus=1)
+    (check,) = run_checks(ctx, [model, later])
+    assert (check.name, check.status, check.detail) == ("model", "fail", "RuntimeError: CUDA out of memory.")
+    assert "[gpu-check] model: fail" in capsys.readouterr().out
+
+
+def test_tokenizer_padded_to_a_real_vocabulary_decodes_every_id():
+    tokenizer = padded_tokenizer(2000)
+    assert len(tokenizer) == 2000
+    assert tokenizer.decode([1999]).startswith("<") and tokenizer.decode([1999]).endswith(">")
+    text = "Find x such that 2x + 3 = 7."
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|endoftext|>"
+
+
+def test_makefile_target_runs_the_module():
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    assert "gpu-check:" in makefile and "-m asft_repro.gpu_check" in makefile
