@@ -277,7 +277,7 @@ def run(cfg_node: DictConfig) -> Path:
                           "or eval.after_train=false")
     state = distributed.setup()
     is_main = state.is_main_process
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).absolute()  # run.json's model_path must not depend on the cwd of a later reader
     lock = RunLock(out) if is_main else None
     handler = None
     finished = False

@@ -1,11 +1,9 @@
-"""A 2-rank gloo worker for tests/test_kl_schedule.py (spawned; kept apart so each child imports only the controller)."""
+"""The adaptive-λ controller fed by hand (tests/test_kl_schedule.py) and on each rank of a 2-rank gloo group
+(tests/test_two_rank_units.py)."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
-
-import torch.distributed as dist
 
 from asft_repro.kl_schedule import KLController, all_rank_sum
 
@@ -29,14 +27,9 @@ def feed(controller: KLController, steps: list[list[tuple[float, float]]]) -> li
     return used
 
 
-def two_ranks(rank: int, port: int, out: str) -> None:
-    """Rank ``rank`` of 2: its half of STEPS through the controller; writes λ per step and the final λ to out.<rank>."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        controller = adaptive()
-        used = feed(controller, [[micro[rank]] for micro in STEPS])
-        sums = all_rank_sum([1.0, float(rank)])
-        with open(f"{out}.{rank}", "w") as f:
-            json.dump({"lambda": [*used, controller.coef], "sums": sums}, f)
-    finally:
-        dist.destroy_process_group()
+def controller_path(rank: int) -> dict:
+    """Rank ``rank`` of 2 (the group initialised): its half of STEPS through the controller; λ per step and the final
+    λ, and an all-rank sum."""
+    controller = adaptive()
+    used = feed(controller, [[micro[rank]] for micro in STEPS])
+    return {"lambda": [*used, controller.coef], "sums": all_rank_sum([1.0, float(rank)])}

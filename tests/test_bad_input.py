@@ -1,8 +1,9 @@
 r"""Every bad input ends in one line ``module: what is wrong; how to fix it``, a non-zero exit, no traceback,
 and nothing written (no run directory, no partial prep output, inputs untouched).
 
-The CLIs run in-process (``sys.argv`` patched, ``main()`` called, ``SystemExit`` caught); a handful run as
-real subprocesses. A failing case says why in the first word of its assertion message:
+The CLIs run in-process (``sys.argv`` patched, ``main()`` called, ``SystemExit`` caught); one Hydra CLI (train) and
+one argparse CLI (tables) also run as real subprocesses, so the in-process judgement is checked against a real exit.
+A failing case says why in the first word of its assertion message:
 
     SILENT     exit code 0
     TRACEBACK  a Python traceback on stderr
@@ -176,7 +177,7 @@ CASES = [
     Case("eval-top-p-1.5", EVAL, "eval.top_p=1.5"),
     Case("eval-backend-bogus", EVAL, "eval.backend=bogus"),
     Case("eval-mc-mode-bogus", EVAL, "eval.mc_mode=bogus"),
-    Case("eval-unknown-benchmark", EVAL, "benchmarks=[gsm8k]", subprocess=True),
+    Case("eval-unknown-benchmark", EVAL, "benchmarks=[gsm8k]"),
     Case("eval-model-path-missing", EVAL, "model_path={in}/no-such-model"),
     Case("eval-model-no-tokenizer", EVAL, "model_path={in}/no_tok", no_tokenizer),
     Case("eval-benchmarks-dir-missing", EVAL, "eval.benchmarks_dir={in}/nobench"),
@@ -197,8 +198,7 @@ CASES = [
     # -- data_prep
     Case("prep-local-dir-missing", PREP, "local_dir={in}/nowhere"),
     Case("prep-local-dir-is-a-file", PREP, "local_dir={in}/file.txt", lambda d, _t: _write(d / "file.txt", "x")),
-    Case("prep-broken-json", PREP, "", local_copy(lambda l: _write(l / "medmcqa" / "train.jsonl", '{"question": \n')),
-         subprocess=True),
+    Case("prep-broken-json", PREP, "", local_copy(lambda l: _write(l / "medmcqa" / "train.jsonl", '{"question": \n'))),
     Case("prep-broken-parquet", PREP, "", local_copy(broken_parquet)),
     Case("prep-empty-file", PREP, "", local_copy(lambda l: _write(l / "math500.jsonl", ""))),
     Case("prep-missing-fields", PREP, "", local_copy(lambda l: _write(l / "medqa.jsonl", _lines({"q": "x", "a": "y"})))),

@@ -1,48 +1,12 @@
-"""The commands users type: a Hydra multirun sweep, then the tables and plots CLIs, and CLI errors."""
+"""CLI errors and the error policy of every entry point (the end-to-end CLI sweep is tests/test_pipeline.py's)."""
 
 import json
-import re
-import subprocess
-import sys
 
 import pytest
 
 from conftest import ROOT, run_in_process
 
 pytestmark = pytest.mark.slow
-
-
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def test_multirun_sweep_then_table_and_plots(tmp_path, demo_data, tiny_model_path, monkeypatch, capsys):
-    """The one end-to-end CLI sweep: Hydra multirun in a fresh process, each cell evaluated by a child
-    ``python -m eval.run`` (the train -> eval subprocess path), then plan, tables and plots."""
-    sweep = cli("asft_repro.train", "-m", "experiment=demo", "method=base,dft,asft", f"data.data_dir={demo_data}",
-                f"eval.benchmarks_dir={demo_data}/benchmarks", "data.size=64", "train.max_steps=4",
-                "train.report_to=[wandb]", "eval.limit=3", "eval.max_new_tokens=8", cwd=tmp_path)
-    assert sweep.returncode == 0, sweep.stderr[-2000:]
-    runs = sorted(p.name for p in (tmp_path / "outputs" / "demo").iterdir() if p.is_dir())
-    patterns = [r"tiny-numina_cot-64-asft-kl0\.05-s42-max_steps_4-[0-9a-f]{8}", r"tiny-numina_cot-64-dft-s42-max_steps_4-[0-9a-f]{8}",
-                r"tiny-math-base-[0-9a-f]{8}"]  # the swept value is spelt out, the hash names the whole config
-    assert sorted(runs) == runs and all(any(re.fullmatch(p, r) for r in runs) for p in patterns) and len(runs) == 3
-    asft_run = next(r for r in runs if "-asft-" in r)
-    assert list((tmp_path / "outputs" / "demo" / asft_run / "wandb").glob("offline-run-*"))  # wandb offline, no account
-    # the argparse CLIs, in this process (their subprocess path is the same main(); bad input runs them as such too)
-    monkeypatch.chdir(tmp_path)
-    code, err, planned = run_in_process("asft_repro.plan", ["experiment=demo", "method=base,dft,asft", f"data.data_dir={demo_data}",
-                                        "data.size=64", "train.max_steps=4", "train.report_to=[wandb]", "eval.limit=3"],
-                                        monkeypatch, capsys)
-    assert code == 0, err[-2000:]
-    assert all(f"| {name}" in planned and "| done" in planned for name in runs)  # plan names runs as the launch did
-    assert not (tmp_path / "run.log").exists()
-
-    code, err, table = run_in_process("asft_repro.tables", ["--experiment", "demo", "--no-wandb"], monkeypatch, capsys)
-    assert code == 0, err[-2000:]
-    assert "## table1_math_demo_tiny" in table and "paper Math Avg" in table and "| Base |" in table
-    code, err, _ = run_in_process("asft_repro.plots", ["--experiment", "demo"], monkeypatch, capsys)
-    assert code == 0 and list((tmp_path / "outputs" / "plots").glob("kl_drift_demo_*.png"))
 
 
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):

@@ -1,14 +1,11 @@
 """Evaluation records keyed by what produced them: per-model folders, settings subfolders, torn-file resume,
-config checks, and ``python -m eval.run run_dir=...`` (with the wandb summary, offline)."""
+config checks, and ``python -m eval.run run_dir=...``'s main() (with the wandb summary, offline)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,12 +27,6 @@ def score(demo_data: Path, *overrides: str) -> dict:
 
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    return subprocess.run([sys.executable, "-m", "eval.run", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)
 
 
 # --- asft_repro.jsonl -------------------------------------------------------------------------------------
@@ -213,10 +204,14 @@ def make_run_dir(root: Path, demo_data: Path, model_path: str, **record) -> Path
     return run_dir
 
 
-def test_run_dir_scores_the_runs_model_and_logs_wandb_offline(tmp_path, demo_data, tiny_model_path):
+def test_run_dir_scores_the_runs_model_and_logs_wandb_offline(tmp_path, demo_data, tiny_model_path, monkeypatch, capsys):
+    """In this process: the same main() that training's child ``python -m eval.run run_dir=...`` runs (that child
+    path is tests/test_pipeline.py's sweep)."""
     run_dir = make_run_dir(tmp_path, demo_data, tiny_model_path, wandb_id="evalcache-test-1")
-    done = cli(f"run_dir={run_dir}", "eval.max_new_tokens=6", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    code, err, _ = run_in_process("eval.run", [f"run_dir={run_dir}", "eval.max_new_tokens=6"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
     (metrics_file,) = run_dir.glob("eval/*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
     assert metrics_file.parent.name == metrics["settings_hash"]

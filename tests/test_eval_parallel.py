@@ -89,7 +89,7 @@ def test_hf_sampling_seeds_are_per_item(tiny_model_path):
 def workers_in_process(monkeypatch):
     """The parent's split, part files, merge and resume with each worker's job run in this process, one after the
     other (``run_worker_job``, what a worker process runs): the worker processes themselves are tested by
-    test_two_workers_match_one_process and test_a_failed_worker_is_one_line_and_keeps_its_part."""
+    test_worker_processes_write_one_process_records_and_a_failure_is_one_line (one launch)."""
     import eval.runner as runner
 
     def run_here(plan, job, jobs, out_dir):
@@ -101,7 +101,7 @@ def workers_in_process(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_workers_match_one_process(tmp_path, demo_data, tiny_model_path):
+def test_two_workers_match_one_process(tmp_path, demo_data, tiny_model_path, workers_in_process):
     one = score(demo_data, tmp_path / "one")
     two = score(demo_data, tmp_path / "two", "eval.data_parallel_size=2")
     assert two["settings_hash"] == one["settings_hash"]
@@ -149,7 +149,11 @@ def test_a_killed_workers_part_is_resumed(tmp_path, demo_data, tiny_model_path, 
 
 
 @pytest.mark.slow
-def test_a_failed_worker_is_one_line_and_keeps_its_part(tmp_path, demo_data, tiny_model_path):
+def test_worker_processes_write_one_process_records_and_a_failure_is_one_line(tmp_path, demo_data, tiny_model_path):
+    """The one launch of real worker processes: worker 1 fails on its second math500 item (its first is kept), worker 0
+    finishes both benchmarks; each part holds exactly the records one process writes for those items."""
+    one = score(demo_data, tmp_path / "one")
+    reference = {name: records(folder(tmp_path / "one", one) / f"{name}.jsonl") for name in BENCHES}
     bench = tmp_path / "benchmarks"
     shutil.copytree(demo_data / "benchmarks" / "math500", bench / "math500")
     shutil.copytree(demo_data / "benchmarks" / "medqa", bench / "medqa")
@@ -167,3 +171,7 @@ def test_a_failed_worker_is_one_line_and_keeps_its_part(tmp_path, demo_data, tin
     assert [r["id"] for r in records(hashed / "math500.part1of2.jsonl")] == [rows[1]["id"]]
     assert len(records(hashed / "math500.part0of2.jsonl")) == 2
     assert not (hashed / "math500.jsonl").exists() and not (hashed / "metrics.json").exists()
+    # worker w scores items w, w + 2, ...: its records equal one process's for those items
+    assert records(hashed / "math500.part0of2.jsonl") == reference["math500"][0::2]
+    assert records(hashed / "math500.part1of2.jsonl") == reference["math500"][1:2]
+    assert records(hashed / "medqa.part0of2.jsonl") == reference["medqa"][0::2]

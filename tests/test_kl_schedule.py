@@ -6,19 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import socket
 from types import SimpleNamespace
 
 import pytest
-import torch.multiprocessing as mp
 import yaml
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-import kl_ranks
 from asft_repro.identity import base_name, config_hash, swept_values, training_identity
 from asft_repro.kl_schedule import SCHEDULE_KEYS, KLController, adaptive_coef, schedule_label, scheduled_coef
 from asft_repro.plots import write_plots
@@ -85,23 +81,6 @@ def test_state_round_trips_through_trainer_state_json():
     assert fresh.coef == controller.coef == pytest.approx(0.1 * 0.98 ** 3)
     rebuilt = KLController.from_state(saved["KLController"])  # transformers' own restore path builds it from args
     assert rebuilt.coef == controller.coef and rebuilt.settings == controller.settings
-
-
-# ---- 2 ranks = 1 process -------------------------------------------------------------------------
-
-def test_two_ranks_follow_the_one_process_path(tmp_path):
-    """The all-rank KL reduction (asft_repro.kl_schedule.all_rank_sum) on a real 2-process gloo group."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(kl_ranks.two_ranks, args=(port, str(tmp_path / "lam")), nprocs=2, join=True)
-    one = kl_ranks.adaptive()
-    single = [*feed(one, kl_ranks.STEPS), one.coef]  # one process holding both micro-batches of every step
-    for rank in (0, 1):
-        got = json.loads((tmp_path / f"lam.{rank}").read_text())
-        assert got["lambda"] == pytest.approx(single, rel=1e-12) and got["sums"] == [2.0, 1.0]
-    assert len(set(single)) == len(single)  # λ moved every step
 
 
 # ---- config, identity, run name -------------------------------------------------------------------

@@ -1,15 +1,20 @@
-"""End to end on the tiny model: train -> metrics.jsonl -> eval -> tables -> plots, plus run-dir safety."""
+"""End to end on the tiny model: the one CLI sweep (train -> metrics.jsonl -> eval in a child -> plan, tables,
+plots), plus run-dir safety."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
 
 from asft_repro.rundir import RunDirError
 from asft_repro.train import run
-from conftest import compose_config
+from conftest import compose_config, run_in_process
 
 pytestmark = pytest.mark.slow
+METHODS = ("sft", "dft", "asft")
 
 
 def train_cfg(tmp_path, demo_data, *overrides):
@@ -19,16 +24,57 @@ def train_cfg(tmp_path, demo_data, *overrides):
         "eval.limit=6", "eval.max_new_tokens=24", *overrides])
 
 
+def sweep_overrides(demo_data):
+    """The sweep's settings, as users type them: Base, SFT, DFT and ASFT on the math fixtures, 16 steps each."""
+    return ["experiment=demo", f"data.data_dir={demo_data}", f"eval.benchmarks_dir={demo_data}/benchmarks",
+            "data.size=64", "train.num_epochs=4", "train.report_to=[wandb]", "eval.limit=4", "eval.max_new_tokens=16"]
+
+
 def metrics_rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ce"' in line]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_data, tiny_model_path):
-    """SFT, DFT and ASFT runs (16 steps each) on the math fixtures, evaluated."""
-    root = tmp_path_factory.mktemp("runs") / "demo"
-    dirs = {m: run(train_cfg(root, demo_data, f"method={m}", "train.num_epochs=4")) for m in ("sft", "dft", "asft")}
-    return root, dirs
+def sweep(tmp_path_factory, demo_data, tiny_model_path):
+    """The one end-to-end CLI sweep: Hydra multirun in a fresh process, each cell evaluated by a child
+    ``python -m eval.run`` (the train -> eval subprocess path), wandb offline. Returns (cwd, the console, the run
+    directories by method)."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    done = subprocess.run([sys.executable, "-m", "asft_repro.train", "-m", "method=base,sft,dft,asft",
+                           *sweep_overrides(demo_data)], cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    root = cwd / "outputs" / "demo"
+    dirs = {json.loads((p / "run.json").read_text())["method"]: p for p in root.iterdir() if (p / "run.json").exists()}
+    return cwd, done, dirs
+
+
+@pytest.fixture(scope="module")
+def trained(sweep):
+    """SFT, DFT and ASFT runs (16 steps each) on the math fixtures, evaluated: the sweep's root and run dirs."""
+    cwd, _done, dirs = sweep
+    return cwd / "outputs" / "demo", {m: dirs[m] for m in METHODS}
+
+
+def test_multirun_sweep_names_runs_then_plan_tables_and_plots(sweep, demo_data, monkeypatch, capsys):
+    cwd, _done, dirs = sweep
+    runs = sorted(p.name for p in (cwd / "outputs" / "demo").iterdir() if p.is_dir())
+    patterns = [r"tiny-numina_cot-64-asft-kl0\.05-s42-num_epochs_4\.0-[0-9a-f]{8}", r"tiny-numina_cot-64-dft-s42-num_epochs_4\.0-[0-9a-f]{8}",
+                r"tiny-numina_cot-64-sft-s42-num_epochs_4\.0-[0-9a-f]{8}", r"tiny-math-base-[0-9a-f]{8}"]
+    # the swept value is spelt out, the hash names the whole config
+    assert len(runs) == 4 and all(any(re.fullmatch(p, r) for r in runs) for p in patterns), runs
+    assert list((dirs["asft"] / "wandb").glob("offline-run-*"))  # wandb offline, no account
+    # the argparse CLIs, in this process (their subprocess path is the same main(); bad input runs them as such too)
+    monkeypatch.chdir(cwd)
+    code, err, planned = run_in_process("asft_repro.plan", ["method=base,sft,dft,asft", *sweep_overrides(demo_data)],
+                                        monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert all(f"| {name}" in planned and "| done" in planned for name in runs)  # plan names runs as the launch did
+    assert not (cwd / "run.log").exists()
+    code, err, table = run_in_process("asft_repro.tables", ["--experiment", "demo", "--no-wandb"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert "## table1_math_demo_tiny" in table and "paper Math Avg" in table and "| Base |" in table
+    code, err, _ = run_in_process("asft_repro.plots", ["--experiment", "demo"], monkeypatch, capsys)
+    assert code == 0 and list((cwd / "outputs" / "plots").glob("kl_drift_demo_*.png"))
 
 
 def test_training_logs_falling_loss_and_kl_from_zero(trained):
@@ -55,20 +101,25 @@ def test_eval_metrics_written(trained):
     metrics = json.loads(metrics_file.read_text())
     assert metrics_file.parent.name == metrics["settings_hash"]
     assert set(metrics["benchmarks"]) == {"math500", "minerva", "olympiadbench", "aime24", "amc23"}
-    assert all(b["num_items"] == 6 for b in metrics["benchmarks"].values())
+    assert all(b["num_items"] == 4 for b in metrics["benchmarks"].values())
     assert metrics["averages"]["Math Avg"] is not None and metrics["averages"]["Medical Avg"] is None
     lines = (metrics_file.parent / "math500.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and {"outputs", "parsed", "correct"} <= set(json.loads(lines[0]))
+    assert len(lines) == 4 and {"outputs", "parsed", "correct"} <= set(json.loads(lines[0]))
 
 
 def test_rerun_refuses_and_resume_reuses(trained, demo_data):
-    root, dirs = trained
-    cfg = train_cfg(root, demo_data, "method=sft", "train.num_epochs=4")
+    _root, dirs = trained
+    cell = [*sweep_overrides(demo_data), "method=sft", f"output_dir={dirs['sft']}"]
     with pytest.raises(RunDirError, match="train.resume=true"):
-        run(cfg)
+        run(compose_config("config", cell))
     before = (dirs["sft"] / "metrics.jsonl").read_text()
-    run(train_cfg(root, demo_data, "method=sft", "train.num_epochs=4", "train.resume=true"))
+    final = dirs["sft"] / "final" / "model.safetensors"
+    saved = final.stat().st_mtime_ns
+    record = json.loads((dirs["sft"] / "run.json").read_text())
+    assert record["model_path"] == str(dirs["sft"] / "final")  # absolute: the sweep ran in another cwd than this test
+    run(compose_config("config", [*cell, "train.resume=true"]))
     assert (dirs["sft"] / "metrics.jsonl").read_text() == before  # nothing retrained or overwritten
+    assert final.stat().st_mtime_ns == saved  # final/ reused as it is, not re-saved from the last checkpoint
 
 
 def test_killed_run_resumes_from_checkpoint(tmp_path, demo_data, tiny_model_path):
@@ -119,8 +170,8 @@ def test_tables_and_plots(trained, tmp_path):
     root, dirs = trained
     tables = write_tables(root.parent, tmp_path / "tables", "demo", use_wandb=False)
     math = tables["table1_math_demo_tiny"].frame
-    assert list(math.index) == ["64 SFT", "64 DFT", "64 ASFT"]
-    assert math["n_runs"].tolist() == [1, 1, 1]
+    assert list(math.index) == ["Base", "64 SFT", "64 DFT", "64 ASFT"]
+    assert math["n_runs"].tolist() == [1, 1, 1, 1]  # the resumed SFT cell is still one run, scored once
     assert math["paper Math Avg"].isna().all()  # the tiny model has no paper cell: missing, not zero
     assert str(dirs["asft"]) in math.loc["64 ASFT", "run_dirs"]
     for ext in ("md", "csv", "tex"):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +13,7 @@ import yaml
 from asft_repro.plots import write_plots
 from asft_repro.tables import main as tables_main
 from asft_repro.tables import write_tables
+from conftest import run_in_process
 
 MATH = ["math500", "minerva", "olympiadbench", "aime24", "amc23"]
 MEDICAL = ["mmlu_medical", "medqa", "medmcqa"]
@@ -279,11 +278,10 @@ def test_cached_anchor_runs_are_told_apart_in_tables_and_plots(tmp_path):
     assert frame.loc["10k ASFT anchor=cache anchor_k=128", "Math Avg"] == pytest.approx(12.0)
 
 
-def test_plots_cli_errors_are_one_line(tmp_path):
-    missing = subprocess.run([sys.executable, "-m", "asft_repro.plots", "--root", str(tmp_path / "missing")],
-                             capture_output=True, text=True, timeout=300)
-    assert missing.returncode != 0 and "Traceback" not in missing.stderr
-    assert missing.stderr.strip().startswith("asft_repro.plots: no directory") and len(missing.stderr.strip().splitlines()) == 1
+def test_plots_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    code, err, _ = run_in_process("asft_repro.plots", ["--root", str(tmp_path / "missing")], monkeypatch, capsys)
+    assert code != 0 and "Traceback" not in err
+    assert err.strip().startswith("asft_repro.plots: no directory") and len(err.strip().splitlines()) == 1
     make_run(tmp_path / "outputs", "base", method="base")  # evaluated, but no metrics.jsonl
     with pytest.raises(SystemExit, match="^asft_repro.plots: no metrics.jsonl"):
         write_plots(tmp_path / "outputs", tmp_path / "plots")
