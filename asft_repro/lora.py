@@ -96,12 +96,14 @@ def lora_config(model: torch.nn.Module, p: PeftConfig) -> LoraConfig:
                       target_modules=list(p.target_modules or block_linear_names(model)))
 
 
-def wrap(model: PreTrainedModel, p: PeftConfig, gradient_checkpointing: bool) -> PeftModel:
-    """The PeftModel: the base frozen (bf16 / 4-bit), LoRA adapters on ``p``'s target modules in fp32."""
+def wrap(model: PreTrainedModel, p: PeftConfig, gradient_checkpointing: bool, seed: int = 0) -> PeftModel:
+    """The PeftModel: the base frozen (bf16 / 4-bit), LoRA adapters on ``p``'s target modules in fp32, their random
+    initialisation (lora_A) drawn from ``seed`` (train.seed): the same adapters on every rank and in every run."""
     if p.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad-carrying input
+    torch.manual_seed(seed)  # the Trainer seeds only after the model exists (it re-seeds with the same train.seed)
     peft_model = get_peft_model(model, lora_config(model, p), autocast_adapter_dtype=True)
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:

@@ -214,7 +214,7 @@ def train(cfg: Config, out: Path, plan: dict[str, Any]) -> Path:
     wants_base = (cfg.method.uses_kl or cfg.train.log_kl) and not uses_anchor_cache(cfg)
     if cfg.peft.enabled:  # a frozen half-precision (or 4-bit) base under fp32 adapters; the anchor is its adapter-off pass
         model = load_model(model_path, cfg.model, tokenizer, dtype=base_dtype, **lora.load_kwargs(cfg.peft, base_dtype))
-        model = lora.wrap(model, cfg.peft, cfg.train.gradient_checkpointing)
+        model = lora.wrap(model, cfg.peft, cfg.train.gradient_checkpointing, cfg.train.seed)
         base = None
     else:
         model = load_model(model_path, cfg.model, tokenizer, dtype=policy_dtype)

@@ -132,8 +132,8 @@ def test_final_is_the_merged_model_with_the_adapter_beside_it(lora_run, demo_dat
 
     import eval.run as eval_run
 
-    assert "-asft-kl0.05-lora_r8-s42-" in lora_run.name  # the run name shows the peft settings
     record = json.loads((lora_run / "run.json").read_text())
+    assert "-asft-kl0.05-lora_r8-s42-" in record["run_name"]  # the run name shows the peft settings
     assert record["identity"]["peft.method"] == "lora" and record["identity"]["peft.r"] == 8
     adapter = lora_run / "final" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
