@@ -41,6 +41,8 @@ class ModelArch:
     num_layers: int = 0
     vocab_size: int = 0
     tie_word_embeddings: bool = False  # embedding and LM head share one matrix (FSDP2's root unit holds it once)
+    intermediate_size: int = 0  # MLP width (LoRA adapter sizes); 0 = derived from num_params_b
+    kv_size: int = 0  # width of the k / v projections (key-value heads x head dim); 0 = hidden_size
 
 
 @dataclass
