@@ -184,7 +184,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_peak_mb() - rss_setup
     # weights included: CUDA's max allocated already counts them; on CPU the peak over the process before the models
     total = peak if device == "cuda" else _rss_peak_mb() - rss_start
-    return {"step_s": seconds, "peak_mb": peak, "total_mb": total, "device": device}
+    frozen_mb = sum(p.numel() * p.element_size() for p in policy.parameters() if not p.requires_grad) / 2**20
+    return {"step_s": seconds, "peak_mb": peak, "total_mb": total, "frozen_mb": frozen_mb, "device": device}
 
 
 def child(variant: str, args: argparse.Namespace) -> dict[str, float | str]:
@@ -244,6 +245,11 @@ def main() -> None:
     print(ratio_line("ASFT-LoRA/SFT-LoRA peak-memory ratio", ratios("asft_lora", "sft_lora", "total_mb")))
     print(ratio_line("ASFT-LoRA/SFT-LoRA step-time ratio", ratios("asft_lora", "sft_lora", "step_s")))
     print(ratio_line("ASFT-LoRA/full-ASFT peak-memory ratio", ratios("asft_lora", "asft", "total_mb")))
+    extra = statistics.median(a["total_mb"] - b["total_mb"] for a, b in zip(runs["asft_lora"], runs["sft_lora"]))
+    kl_buffers = 2 * min(auto_chunk_rows(args.vocab), args.batch * (args.seq - args.seq // 2)) * args.vocab * 4 / 2**20
+    print(f"ASFT-LoRA over SFT-LoRA: {extra:+.0f} MB peak; the KL's two extra fused-head chunk buffers are "
+          f"{kl_buffers:.0f} MB (allocated but untouched under SFT, so CPU RSS leaves them out of SFT's peak), a base "
+          f"copy would be {runs['asft_lora'][0]['frozen_mb']:.0f} MB")
     k = MethodConfig().anchor_k
     errors = kl_errors(*random_pair(args.vocab, hidden=args.hidden)[:2], k)
     print(f"cached-anchor KL relative error: {errors['fwd_value_err']:.4f} (forward KL at k={k}; gradient "
