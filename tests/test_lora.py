@@ -126,6 +126,23 @@ def test_a_lora_run_killed_after_a_checkpoint_resumes_identically(tmp_path, demo
 
 
 @pytest.mark.slow
+def test_killed_while_saving_final_the_resume_publishes_it_from_the_adapter_checkpoint(tmp_path, demo_data, lora_run):
+    from asft_repro.train import run
+
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    shutil.rmtree(out / "final")
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**record, "train_status": "running"}))
+    before = (out / "metrics.jsonl").read_text()
+    run(lora_cfg(demo_data, out, "train.resume=true"))
+    assert (out / "metrics.jsonl").read_text() == before  # no extra step: the adapter of checkpoint-4, merged
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        got, want = load_file(str(out / "final" / name)), load_file(str(lora_run / "final" / name))
+        assert max((got[k] - want[k]).abs().max().item() for k in got) == 0.0
+
+
+@pytest.mark.slow
 def test_final_is_the_merged_model_with_the_adapter_beside_it(lora_run, demo_data, tiny_model_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -181,3 +198,25 @@ def test_bad_peft_input_is_one_line_and_writes_nothing(tmp_path, demo_data, tiny
         run(compose_config("config", [*ASFT_RUN, f"data.data_dir={demo_data}", f"output_dir={out}", *overrides]))
     assert str(err.value) == message
     assert not out.exists()
+
+
+def test_qlora_needs_bitsandbytes_and_one_gpu_and_peft_refuses_zero3(monkeypatch):
+    import builtins
+
+    cfg = lambda *o: OmegaConf.to_object(compose_config("config", ["experiment=demo", *o]))  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    with pytest.raises(ConfigError, match=r"^peft=qlora needs bitsandbytes: pip install 'asft-repro\[qlora\]'"):
+        lora.check_peft(cfg("peft=qlora"))
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    with pytest.raises(ConfigError, match="^peft=lora runs with train.strategy=ddp .* not zero3; set train.strategy=ddp$"):
+        lora.check_peft(cfg("peft=lora", "train.strategy=zero3"))
+    lora.check_peft(cfg("peft=lora", "peft.target_modules=[q_proj,v_proj]"))  # fine
+    lora.check_peft(cfg("peft=none", "peft.target_modules=[nothing]"))  # peft off: not looked at
