@@ -120,38 +120,35 @@ def adapter_off(model: torch.nn.Module) -> Iterator[None]:
 
 def merged_state_dict(peft_model: PeftModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base model's state dict with every LoRA delta (scaling * B @ A, in fp32) merged into its weight, under the
-    base model's own names; from ``state_dict`` (the PeftModel's, gathered when sharded). A 4-bit base weight is
-    de-quantized first (peft's ``dequantize_module_weight``)."""
-    prefix = "base_model.model."
+    base model's own names; from ``state_dict`` (the PeftModel's, gathered when sharded). 4-bit weights (qlora) are
+    de-quantized first (peft's ``dequantize_module_weight``), their quantization state dropped."""
     merged = dict(state_dict)
+    for name, module in peft_model.named_modules():
+        key = f"{name}.weight"
+        if hasattr(getattr(module, "weight", None), "quant_state") and key in merged:  # bitsandbytes 4-bit
+            for extra in [k for k in merged if k.startswith(f"{key}.")]:
+                merged.pop(extra)
+            merged[key] = dequantize_module_weight(module)
     for name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        base_key = f"{name}.base_layer.weight"
-        weight = state_dict[base_key]
-        if weight.dtype == torch.uint8:  # 4-bit (qlora): its packed bytes, de-quantized from the module
-            weight = dequantize_module_weight(module.get_base_layer()).to(module.lora_A["default"].weight.dtype)
-            for key in [k for k in merged if k.startswith(f"{base_key}.")]:
-                merged.pop(key)  # the packed weight's quantization state
+        key = f"{name}.base_layer.weight"
+        weight = merged[key]
         for adapter, scale in module.scaling.items():
             a, b = merged.pop(f"{name}.lora_A.{adapter}.weight"), merged.pop(f"{name}.lora_B.{adapter}.weight")
             delta = (b.float() @ a.float()) * scale
             weight = (weight.float() + delta.to(weight.device)).to(weight.dtype)
-        merged[base_key] = weight
-    return {key.removeprefix(prefix).replace(".base_layer.", "."): value for key, value in merged.items()}
+        merged[key] = weight
+    return {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v for k, v in merged.items()}
 
 
-def save_final(peft_model: PeftModel, state_dict: dict[str, torch.Tensor], folder: str | Path,
-               dtype: torch.dtype | None = None) -> None:
-    """Write ``folder`` = the merged model (Hugging Face layout) and ``folder/adapter/`` = the adapter alone (rank 0).
-    ``dtype``: the merged weights' dtype (default: the base's)."""
+def save_final(peft_model: PeftModel, state_dict: dict[str, torch.Tensor], folder: str | Path) -> None:
+    """Write ``folder`` = the merged model (Hugging Face layout, the base's dtype) and ``folder/adapter/`` = the adapter
+    alone (call on rank 0)."""
     folder = Path(folder)
     peft_model.save_pretrained(str(folder / ADAPTER_DIR), state_dict=state_dict)
     merged = merged_state_dict(peft_model, state_dict)
-    if dtype is not None:
-        merged = {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged.items()}
     base = peft_model.get_base_model()
-    base.config.quantization_config = None  # the merged weights are plain tensors
-    if hasattr(base.config, "quantization_config"):
+    if hasattr(base.config, "quantization_config"):  # qlora: the merged weights are plain tensors
         del base.config.quantization_config
     base.save_pretrained(str(folder), state_dict=merged)
