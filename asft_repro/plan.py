@@ -30,7 +30,8 @@ V vocabulary, b bytes of the compute dtype):
 Under ``peft=lora`` / ``qlora`` (asft_repro/lora.py) the policy is a frozen base plus adapters of A parameters:
 
 * policy+optim = base + 16 * A / S: the frozen base in b bytes per parameter (b * P; qlora: 4-bit NF4 with double
-  quantization, 0.516 bytes per parameter, except the embedding and LM head, R, kept in b) plus the fp32 adapters,
+  quantization, 0.516 bytes per parameter, except the embedding and LM head, R, which peft's
+  prepare_model_for_kbit_training keeps in fp32: 4 bytes) plus the fp32 adapters,
   their gradients and AdamW states; A = r * L * sum over the target modules of (in + out) features (q/o: H + H,
   k/v: H + kv width, gate/up/down: H + the MLP width; modules of other names are not counted);
 * ddp buckets = 4 * A; base = 0: the anchor is the same model with its adapters off (no second copy), so gathered
@@ -164,7 +165,7 @@ def peft_memory(cfg: Config, arch: ModelArch, world: int, parts: dict[str, float
     params = arch.num_params_b * 1e9
     shards = world if t.strategy == "fsdp2" else 1
     root = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
-    base = NF4_BYTES * (params - root) + b * root if cfg.peft.method == "qlora" else b * params
+    base = NF4_BYTES * (params - root) + 4 * root if cfg.peft.method == "qlora" else b * params  # qlora: fp32 root
     adapters = adapter_params(cfg, arch)
     layer = max(params - root, 0.0) / arch.num_layers
     parts = {**parts, "policy+optim": (base + 16 * adapters) / shards,
