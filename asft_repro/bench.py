@@ -11,7 +11,11 @@ one batch whose first half of every sequence is prompt; one AdamW step per itera
   logits of policy and base kept, then masked;
 * ``asft_cached``: ASFT on the fused path with ``method.anchor=cache``: the base's top-k rows (k =
   ``method.anchor_k``'s default) are built in memory from the frozen copy before the timed steps, then the base
-  is freed before the post-setup memory mark, so no base forward and no base weights count.
+  is freed before the post-setup memory mark, so no base forward and no base weights count;
+* ``sft_lora``, ``asft_lora``: ``peft=lora`` (rank 8, every block linear; asft_repro/lora.py) on the same policy,
+  no base copy: ASFT's anchor is the adapter-off pass of the policy itself (fused head, the shared frozen head).
+  Their memory lines (and ``ASFT-LoRA/full-ASFT``) compare the whole peak, weights included (CUDA: max allocated;
+  CPU: peak RSS over the process before any model was built), since the point is the base copy that is not there.
 
 ``cached-anchor KL relative error`` is the cached forward KL's relative error at the default k on a random Qwen2 of
 the bench's vocabulary and hidden size whose head is scaled to a 1.5-nat base entropy, the policy a perturbed copy
@@ -42,12 +46,14 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from asft_repro.anchor import kl_errors, random_pair
 from asft_repro.anchor_cache import AnchorRows, topk_rows
 from asft_repro.cli import OneLineParser
-from asft_repro.config import MethodConfig
+from asft_repro import lora
+from asft_repro.config import MethodConfig, PeftConfig
 from asft_repro.fused_head import FusedLoss, auto_chunk_rows, enable_fused_head, head_weight, logits_rows, response_hidden
 from asft_repro.losses import IGNORE_INDEX, chunks, compute_loss
 from asft_repro.paper import PAPER_KL_COEF
 
-VARIANTS = ("sft", "dft", "asft", "asft_logits", "asft_naive", "asft_cached")
+VARIANTS = ("sft", "dft", "asft", "asft_logits", "asft_naive", "asft_cached", "sft_lora", "asft_lora")
+LORA_RANK = 8
 
 
 def _rss_now_mb() -> float:
@@ -96,6 +102,20 @@ def make_step(variant: str, policy, base, ids: torch.Tensor, labels: torch.Tenso
             return rows.sum() / max(rows.numel(), 1)
         return cached
 
+    if variant in ("sft_lora", "asft_lora"):  # the policy is a PeftModel; the anchor its adapter-off pass
+        enable_fused_head(policy)
+
+        def adapter() -> torch.Tensor:
+            base_hidden = head = None
+            if variant == "asft_lora":
+                with torch.no_grad(), lora.adapter_off(policy):
+                    base_hidden = response_hidden(policy, ids, None, labels)
+                head = policy.get_output_embeddings()
+            rows, _stats = policy(input_ids=ids, from_hidden=FusedLoss(labels, variant.removesuffix("_lora"),
+                                                                        base_hidden, head))
+            return rows.sum() / max(rows.numel(), 1)
+        return adapter
+
     if variant in ("sft", "dft", "asft"):
         enable_fused_head(policy)
 
@@ -122,16 +142,19 @@ def make_step(variant: str, policy, base, ids: torch.Tensor, labels: torch.Tenso
 def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rss_start = _rss_now_mb()
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=args.seq, tie_word_embeddings=False)
     policy = Qwen2ForCausalLM(config).to(device, dtype)
     base = None
-    if variant not in ("sft", "dft"):
+    if variant.endswith("_lora"):
+        policy = lora.wrap(policy, PeftConfig(method="lora", r=LORA_RANK), gradient_checkpointing=False)
+    elif variant not in ("sft", "dft"):
         base = Qwen2ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
         base.load_state_dict(policy.state_dict())
-    optim = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     labels = ids.clone()
     labels[:, : args.seq // 2] = IGNORE_INDEX
@@ -159,7 +182,10 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_peak_mb() - rss_setup
-    return {"step_s": seconds, "peak_mb": peak, "device": device}
+    # weights included: CUDA's max allocated already counts them; on CPU the peak over the process before the models
+    total = peak if device == "cuda" else _rss_peak_mb() - rss_start
+    frozen_mb = sum(p.numel() * p.element_size() for p in policy.parameters() if not p.requires_grad) / 2**20
+    return {"step_s": seconds, "peak_mb": peak, "total_mb": total, "frozen_mb": frozen_mb, "device": device}
 
 
 def child(variant: str, args: argparse.Namespace) -> dict[str, float | str]:
@@ -216,6 +242,14 @@ def main() -> None:
     print(ratio_line("ASFT/logits-path step-time ratio", ratios("asft", "asft_logits", "step_s")))
     print(ratio_line("cached-anchor ASFT/SFT step-time ratio", ratios("asft_cached", "sft", "step_s")))
     print(ratio_line("cached-anchor ASFT/SFT peak-memory ratio", ratios("asft_cached", "sft", "peak_mb")))
+    print(ratio_line("ASFT-LoRA/SFT-LoRA peak-memory ratio", ratios("asft_lora", "sft_lora", "total_mb")))
+    print(ratio_line("ASFT-LoRA/SFT-LoRA step-time ratio", ratios("asft_lora", "sft_lora", "step_s")))
+    print(ratio_line("ASFT-LoRA/full-ASFT peak-memory ratio", ratios("asft_lora", "asft", "total_mb")))
+    extra = statistics.median(a["total_mb"] - b["total_mb"] for a, b in zip(runs["asft_lora"], runs["sft_lora"]))
+    kl_buffers = 2 * min(auto_chunk_rows(args.vocab), args.batch * (args.seq - args.seq // 2)) * args.vocab * 4 / 2**20
+    print(f"ASFT-LoRA over SFT-LoRA: {extra:+.0f} MB peak; the KL's two extra fused-head chunk buffers are "
+          f"{kl_buffers:.0f} MB (allocated but untouched under SFT, so CPU RSS leaves them out of SFT's peak), a base "
+          f"copy would be {runs['asft_lora'][0]['frozen_mb']:.0f} MB")
     k = MethodConfig().anchor_k
     errors = kl_errors(*random_pair(args.vocab, hidden=args.hidden)[:2], k)
     print(f"cached-anchor KL relative error: {errors['fwd_value_err']:.4f} (forward KL at k={k}; gradient "

@@ -41,6 +41,8 @@ class ModelArch:
     num_layers: int = 0
     vocab_size: int = 0
     tie_word_embeddings: bool = False  # embedding and LM head share one matrix (FSDP2's root unit holds it once)
+    intermediate_size: int = 0  # MLP width (LoRA adapter sizes); 0 = derived from num_params_b
+    kv_size: int = 0  # width of the k / v projections (key-value heads x head dim); 0 = hidden_size
 
 
 @dataclass
@@ -148,6 +150,37 @@ class MethodConfig:
         """Whether training optimizes a KL term (so it needs the base): lambda above 0 at some step."""
         return (self.name != BASE_METHOD and Method(self.name) in METHODS_WITH_KL
                 and (self.kl_coef > 0 or (self.kl_coef_end or 0.0) > 0))
+
+
+# ---- peft (asft_repro/lora.py) ----------------------------------------------------------------------
+PEFT_METHODS = ("none", "lora", "qlora")  # none = full fine-tuning; qlora = LoRA over a 4-bit NF4 base (CUDA)
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (conf/peft/); the base anchor is then the same model with its adapter off."""
+
+    method: str = "none"  # none | lora | qlora
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA scaling = alpha / r
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None  # null = every linear layer of the decoder blocks (not the LM head)
+
+    def __post_init__(self) -> None:
+        _check_choice("peft.method", self.method, PEFT_METHODS)
+        if self.r <= 0:
+            raise ConfigError(f"peft.r={self.r} is invalid; set a positive LoRA rank, e.g. 8")
+        if self.alpha <= 0:
+            raise ConfigError(f"peft.alpha={self.alpha} is invalid; set a positive value, e.g. 16 (scaling = alpha / r)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"peft.dropout={self.dropout} is invalid; set a fraction in [0, 1), e.g. 0.05")
+        if self.target_modules is not None and not (self.target_modules and all(isinstance(m, str) and m for m in self.target_modules)):
+            raise ConfigError(f"peft.target_modules={self.target_modules} is invalid; name modules (e.g. [q_proj,v_proj]) "
+                              f"or null for every linear layer of the decoder blocks")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
 
 
 @dataclass
@@ -333,6 +366,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     experiment_name: str = "default"  # run group: outputs/<experiment_name>/<run_name>
     run_name: str = "${run_name:}"  # <cell>[-<swept key_value>...]-<config hash>, see asft_repro/identity.py
     output_dir: str = "outputs/${experiment_name}/${run_name}"

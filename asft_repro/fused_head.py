@@ -131,7 +131,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         cdtype = _compute_dtype(hidden.dtype)
         n, vocab = hidden.shape[0], weight.shape[0]
         work = [torch.empty(min(chunk_rows, n), vocab, dtype=cdtype, device=hidden.device) for _ in range(WORK_BUFFERS)]
-        grads = _HeadGrads(hidden, weight, bias, cdtype) if want_grad else None
+        grads = _HeadGrads(hidden, weight, bias, cdtype, ctx.needs_input_grad[1]) if want_grad else None
         parts = []
         for sl in chunks(n, chunk_rows):
             stats, g = _chunk(sl, hidden, weight, bias, targets, base, dft_weight, kl_coef, reverse, want_grad, work)
@@ -153,7 +153,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         if grads is not None and grad_rows.numel() and bool((grad_rows == grad_rows[0]).all()):
             return (*grads.scaled(grad_rows[0], hidden, weight, bias), None, None, None, None, None, None, None)
         cdtype = _compute_dtype(hidden.dtype)
-        grads = _HeadGrads(hidden, weight, bias, cdtype)
+        grads = _HeadGrads(hidden, weight, bias, cdtype, ctx.needs_input_grad[1])
         work = [torch.empty(min(ctx.chunk_rows, hidden.shape[0]), weight.shape[0], dtype=cdtype, device=hidden.device)
                 for _ in range(WORK_BUFFERS)]
         for sl in chunks(hidden.shape[0], ctx.chunk_rows):
@@ -165,12 +165,14 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 class _HeadGrads:
-    """Float32 accumulators of d(loss)/d(hidden rows) [N, H], d/d(head weight) [V, H] and d/d(bias) [V]."""
+    """Float32 accumulators of d(loss)/d(hidden rows) [N, H], d/d(head weight) [V, H] and d/d(bias) [V]; none for a
+    frozen head (``head_grad=False``, e.g. under LoRA: no [V, H] float32 buffer, no per-chunk [V, H] product)."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cdtype: torch.dtype):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cdtype: torch.dtype,
+                 head_grad: bool = True):
         self.hidden = torch.empty(hidden.shape, dtype=cdtype, device=hidden.device)
-        self.weight = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)
-        self.bias = torch.zeros(bias.shape, dtype=cdtype, device=bias.device) if bias is not None else None
+        self.weight = torch.zeros(weight.shape, dtype=cdtype, device=weight.device) if head_grad else None
+        self.bias = torch.zeros(bias.shape, dtype=cdtype, device=bias.device) if bias is not None and head_grad else None
 
     def add(self, sl: slice, g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> None:
         """Add one chunk's logits gradient ``g`` [c, V] (float32) for the hidden rows ``sl``."""
@@ -178,7 +180,8 @@ class _HeadGrads:
             torch.mm(g, weight, out=self.hidden[sl])
         else:
             self.hidden[sl] = g.to(weight.dtype) @ weight
-        self.weight.addmm_(g.t(), hidden[sl].to(g.dtype))
+        if self.weight is not None:
+            self.weight.addmm_(g.t(), hidden[sl].to(g.dtype))
         if self.bias is not None:
             self.bias += g.sum(0)
 
@@ -189,7 +192,7 @@ class _HeadGrads:
             for t in (self.hidden, self.weight, self.bias):
                 if t is not None:
                     t.mul_(scale.to(t.dtype))
-        return (self.hidden.to(hidden.dtype), self.weight.to(weight.dtype),
+        return (self.hidden.to(hidden.dtype), self.weight.to(weight.dtype) if self.weight is not None else None,
                 self.bias.to(bias.dtype) if self.bias is not None else None)
 
 

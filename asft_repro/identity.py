@@ -1,7 +1,7 @@
 """A run is its resolved training config: the readable run name and the config hash.
 
 The run directory is ``<base>[-<swept key_value>...]-<hash8>``: the base names the Table 1
-cell (model, data, size, method, lambda, KL direction, lambda schedule, seed), each further value swept on the
+cell (model, data, size, method, lambda, KL direction, lambda schedule, LoRA / QLoRA rank, seed), each further value swept on the
 command line is spelt out, and the hash covers every training-relevant value, so two runs
 share a directory only when they would train the same model.
 """
@@ -23,11 +23,12 @@ NON_TRAINING_KEYS = frozenset({
     "train.loss_chunk_rows", "train.fused_head", "train.per_device_batch_size", "train.gradient_checkpointing", "train.strategy",
     "train.deepspeed", "train.save_final_model", "model.attn_implementation", "model.arch",
 })
-TRAINING_SECTIONS = ("model", "data", "method", "train")
+TRAINING_SECTIONS = ("model", "data", "method", "train", "peft")
 # Overrides already spelt out by the base name, or not about training at all.
 NAMED_BY_BASE = frozenset({"model", "model.name", "data", "data.name", "data.size", "method", "method.name",
                            "method.kl_coef", "method.kl_direction", "method.kl_schedule", "method.kl_target",
-                           "method.kl_coef_end", "train.seed", "experiment", "experiment_name"})
+                           "method.kl_coef_end", "train.seed", "experiment", "experiment_name",
+                           "peft", "peft.method", "peft.r"})
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -42,7 +43,9 @@ def training_identity(cfg: Any) -> dict[str, Any]:
     container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     method = container["method"]["name"]
     sections = ("model",) if method == "base" else TRAINING_SECTIONS
-    flat = {k: v for s in sections for k, v in flatten(container[s], f"{s}.").items()}
+    flat = {k: v for s in sections for k, v in flatten(container.get(s) or {}, f"{s}.").items()}
+    if flat.get("peft.method", "none") == "none":  # full fine-tuning: hashes as before peft existed
+        flat = {k: v for k, v in flat.items() if not k.startswith("peft.")}
     if method == "base":
         flat.update({"method.name": "base", "data.domain": container["data"]["domain"]})
     elif method not in KL_METHODS:
@@ -55,6 +58,25 @@ def training_identity(cfg: Any) -> dict[str, Any]:
         if kept is None or (key != "kl_schedule" and key not in kept):
             flat.pop(f"method.{key}", None)
     return {k: v for k, v in sorted(flat.items()) if k not in NON_TRAINING_KEYS and not k.startswith("model.arch.")}
+
+
+def peft_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """How two identities' peft settings differ, as one line naming the settings to resume with (None: the same)."""
+    def settings(identity: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in identity.items() if k.startswith("peft.")}
+
+    before, after = settings(old), settings(new)
+    if before == after:
+        return None
+
+    def spelt(peft: dict[str, Any]) -> str:
+        if not peft:
+            return "peft=none"
+        rest = [f"{k}={'null' if v is None else str(v).replace(' ', '')}" for k, v in sorted(peft.items()) if k != "peft.method"]
+        return " ".join([f"peft={peft['peft.method']}", *rest])
+
+    return (f"was trained with {spelt(before)} ({'an adapter' if before else 'full fine-tuning'}), this run has "
+            f"{spelt(after)}; resume with the same peft settings: {spelt(before)}")
 
 
 def config_hash(identity: dict[str, Any]) -> str:
@@ -77,6 +99,9 @@ def base_name(container: dict[str, Any]) -> str:
     tag = method["name"]
     if tag in KL_METHODS:
         tag += f"-kl{method['kl_coef']}" + ("-reverse" if method["kl_direction"] == "reverse" else "") + schedule_tag(method)
+    peft = container.get("peft") or {}
+    if peft.get("method", "none") != "none":  # ...-asft-kl0.05-lora_r8-s42
+        tag += f"-{peft['method']}_r{peft['r']}"
     data = container["data"]
     return f"{container['model']['name']}-{data['name']}-{data['size']}-{tag}-s{container['train']['seed']}"
 

@@ -70,9 +70,11 @@ def check_model_config(path: str, trust_remote_code: bool = False) -> None:
                           f"point model.path at a model folder or a cached hub id") from None
 
 
-def load_model(path: str, cfg: ModelConfig, tokenizer: Any | None = None, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Causal LM in ``dtype`` (default ``cfg.dtype``); embeddings grow (mean-initialised) if the tokenizer did."""
-    kwargs: dict[str, Any] = {"dtype": dtype or DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+def load_model(path: str, cfg: ModelConfig, tokenizer: Any | None = None, dtype: torch.dtype | None = None,
+               **extra: Any) -> PreTrainedModel:
+    """Causal LM in ``dtype`` (default ``cfg.dtype``); embeddings grow (mean-initialised) if the tokenizer did.
+    ``extra``: more ``from_pretrained`` arguments (peft=qlora's quantization_config, asft_repro.lora.load_kwargs)."""
+    kwargs: dict[str, Any] = {"dtype": dtype or DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code, **extra}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:

@@ -27,9 +27,20 @@ V vocabulary, b bytes of the compute dtype):
   after backward has freed the rest;
 * overhead = 2 GiB (CUDA context, NCCL buffers, allocator).
 
+Under ``peft=lora`` / ``qlora`` (asft_repro/lora.py) the policy is a frozen base plus adapters of A parameters:
+
+* policy+optim = base + 16 * A / S: the frozen base in b bytes per parameter (b * P; qlora: 4-bit NF4 with double
+  quantization, 0.516 bytes per parameter, except the embedding and LM head, R, which peft's
+  prepare_model_for_kbit_training keeps in fp32: 4 bytes) plus the fp32 adapters,
+  their gradients and AdamW states; A = r * L * sum over the target modules of (in + out) features (q/o: H + H,
+  k/v: H + kv width, gate/up/down: H + the MLP width; modules of other names are not counted);
+* ddp buckets = 4 * A; base = 0: the anchor is the same model with its adapters off (no second copy), so gathered
+  units count the policy's 2 layers once, and the fused head keeps no fp32 head-weight gradient (the head is frozen);
+* activations, head chunks and overhead as above (the adapters' own [B, T, r] activations are not counted).
+
 ``python -m asft_repro.memcheck`` checks this formula against measured peaks (docs/scale.md).
 
-GPU-hours = (6 + 2 [recompute] + 2 [base forward]) * P * tokens / (peak TFLOP/s * MFU), tokens counted at
+GPU-hours = (6 [4 under peft: no weight gradients] + 2 [recompute] + 2 [base forward]) * P * tokens / (peak TFLOP/s * MFU), tokens counted at
 max_length (an upper bound: real sequences are shorter).
 """
 
@@ -62,6 +73,7 @@ from asft_repro.stats import DEFAULT_DISCORDANCE, mde_from_discordance
 from data_prep.subsets import parse_size
 
 GIB = 1024 ** 3
+NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # peft=qlora: 4-bit NF4, 8-bit block absmax (64), fp32 per 256 blocks
 OVERHEAD_BYTES = 2 * GIB
 ACT_BYTES_PER_LAYER = 17  # x B*T*H*b: one layer's working set under flash attention
 
@@ -104,7 +116,7 @@ def model_arch(cfg: Config) -> ModelArch:
         tied = bool(conf.get("tie_word_embeddings"))
         params = vocab * h * (1 if tied else 2) + layers * (attention + 3 * h * inter)
         return ModelArch(num_params_b=params / 1e9, hidden_size=h, num_layers=layers, vocab_size=vocab,
-                         tie_word_embeddings=tied)
+                         tie_word_embeddings=tied, intermediate_size=inter, kv_size=kv * head_dim)
     if cfg.model.arch is None or not cfg.model.arch.num_params_b:
         raise ConfigError(f"model {cfg.model.name}: no config.json at {path} and no model.arch in its preset; "
                           f"add arch: {{num_params_b, hidden_size, num_layers, vocab_size}} to conf/model/{cfg.model.name}.yaml")
@@ -130,8 +142,38 @@ def head_bytes(cfg: Config, arch: ModelArch, b: int, with_base: bool) -> float:
         # the fp32 head-weight gradient is the head's .grad itself when the head computes in fp32 (fp32, or ddp with
         # fp32 master weights); FSDP2's bf16 unsharded head or bf16-true weights take a copy of it
         fp32_head = precision == "fp32" or (t.strategy == "ddp" and not precision.endswith("-true"))
+        fp32_head = fp32_head or cfg.peft.enabled  # peft: the head is frozen, no head-weight gradient at all
         return WORK_BUFFERS * 4 * rows * arch.vocab_size + (0 if fp32_head else 4 * arch.vocab_size * arch.hidden_size)
     return t.per_device_batch_size * cfg.data.max_length * arch.vocab_size * (b + 4 + 4 + (b if with_base else 0))
+
+
+# ---- peft (asft_repro/lora.py) ----
+def adapter_params(cfg: Config, arch: ModelArch) -> float:
+    """LoRA parameters: r * layers * sum of (in + out) features over the target modules (default: every block linear)."""
+    h, kv = arch.hidden_size, arch.kv_size or arch.hidden_size
+    root = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
+    layer = (arch.num_params_b * 1e9 - root) / arch.num_layers
+    inter = arch.intermediate_size or max(layer - 2 * h * h - 2 * h * kv, 0.0) / (3 * h)
+    sizes = {"q_proj": 2 * h, "o_proj": 2 * h, "k_proj": h + kv, "v_proj": h + kv,
+             "gate_proj": h + inter, "up_proj": h + inter, "down_proj": h + inter}
+    return cfg.peft.r * arch.num_layers * sum(sizes.get(name, 0) for name in (cfg.peft.target_modules or sizes))
+
+
+def peft_memory(cfg: Config, arch: ModelArch, world: int, parts: dict[str, float], b: int) -> dict[str, float]:
+    """``parts`` (full fine-tuning's, bytes) as they are under peft: frozen base + fp32 adapters, no base copy."""
+    t = cfg.train
+    params = arch.num_params_b * 1e9
+    shards = world if t.strategy == "fsdp2" else 1
+    root = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+    base = NF4_BYTES * (params - root) + 4 * root if cfg.peft.method == "qlora" else b * params  # qlora: fp32 root
+    adapters = adapter_params(cfg, arch)
+    layer = max(params - root, 0.0) / arch.num_layers
+    parts = {**parts, "policy+optim": (base + 16 * adapters) / shards,
+             "ddp_buckets": 4 * adapters if t.strategy == "ddp" and world > 1 else 0.0, "base": 0.0,
+             "gathered": b * (root + 2 * layer) if t.strategy == "fsdp2" else 0.0}
+    parts["optimizer_step"] = max(0.0, 4 * adapters / shards - (parts["gathered"] + parts["activations"] + parts["head"]))
+    return parts
+# ---- end peft ----
 
 
 def memory_gb(cfg: Config, arch: ModelArch, world: int) -> dict[str, float]:
@@ -164,6 +206,8 @@ def memory_gb(cfg: Config, arch: ModelArch, world: int) -> dict[str, float]:
         "optimizer_step": max(0.0, w * params / shards - (gathered + acts + head)),
         "overhead": OVERHEAD_BYTES,
     }
+    if cfg.peft.enabled:
+        parts = peft_memory(cfg, arch, world, parts, b)
     gb = {k: v / 1e9 for k, v in parts.items()}
     gb["total"] = sum(gb.values())
     return gb
@@ -191,7 +235,7 @@ def plan_job(cfg: Config, launcher: dict[str, Any], hw: Hardware) -> dict[str, A
     steps = t.max_steps if t.max_steps > 0 else math.ceil(math.ceil(records / t.global_batch_size) * t.num_epochs)
     tokens = steps * t.global_batch_size * cfg.data.max_length
     mem = memory_gb(cfg, arch, world)
-    flops_per_token = (6 + (2 if t.gradient_checkpointing else 0) + (2 if cfg.method.uses_kl or t.log_kl else 0))
+    flops_per_token = ((4 if cfg.peft.enabled else 6) + (2 if t.gradient_checkpointing else 0) + (2 if cfg.method.uses_kl or t.log_kl else 0))
     gpu_hours = flops_per_token * arch.num_params_b * 1e9 * tokens / (hw.tflops * 1e12 * hw.mfu) / 3600
     row.update({"strategy": t.strategy, "steps": steps, "tokens": tokens,
                 **{f"{k}_GB": round(v, 1) for k, v in mem.items() if k != "total"},

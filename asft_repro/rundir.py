@@ -20,7 +20,7 @@ from typing import Any
 
 from asft_repro.errors import ProjectError
 from asft_repro.files import write_json_atomic
-from asft_repro.identity import identity_diff
+from asft_repro.identity import identity_diff, peft_change
 from asft_repro.jsonl import read_jsonl
 from asft_repro.shards import dcp_problem
 from asft_repro.weights import record_weights, recorded_problem
@@ -33,6 +33,7 @@ LOCK_STALE_S = 600.0  # a lock not refreshed for this long (another host's) is s
 HEARTBEAT_S = 30.0
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # a peft=lora checkpoint holds the adapter alone
 log = logging.getLogger(__name__)
 
 
@@ -74,7 +75,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     if sharded:
         return sharded
     deepspeed = any(folder.glob("global_step*"))
-    if not (has_weights(folder) or deepspeed):
+    if not (has_weights(folder) or deepspeed or _has_any(folder, ADAPTER_FILES)):
         return "no model weights"
     if not (deepspeed or _has_any(folder, ("optimizer.pt",), ("optimizer_*",))):
         return "no optimizer.pt"
@@ -141,6 +142,9 @@ def check_run_dir(out: Path, resume: bool, identity: dict[str, Any], data_sha256
     """Raise unless ``out`` is new, or ``resume`` is set for a run of this very config and data."""
     record = read_record(out)
     if record.get("identity") is not None:
+        peft = peft_change(record["identity"], identity)  # a LoRA checkpoint resumed without its peft settings
+        if peft:
+            raise RunDirError(f"{out} {peft}")
         diff = identity_diff(record["identity"], identity)
         if diff:
             raise RunDirError(f"{out} was trained under another config ({'; '.join(diff)}); "

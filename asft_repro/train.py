@@ -25,7 +25,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments
 
-from asft_repro import distributed
+from asft_repro import distributed, lora
 from asft_repro.anchor import find_anchor_cache
 from asft_repro.cli import hydra_task, run_cli
 from asft_repro.config import BASE_METHOD, Config, ConfigError, register_configs
@@ -111,6 +111,7 @@ def preflight(cfg: Config) -> None:
     model_path = resolve_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     check_model_config(model_path, cfg.model.trust_remote_code)
+    lora.check_peft(cfg)  # peft=lora / qlora: target modules, CUDA + bitsandbytes for qlora
     if cfg.method.name != BASE_METHOD:
         # bad / empty data, or max_length cutting every response
         dataset = load_train_dataset(cfg.data, tokenizer, with_keys=uses_anchor_cache(cfg))
@@ -190,6 +191,10 @@ def warn_about_space(cfg: Config, out: Path, model: torch.nn.Module) -> None:
     t = cfg.train
     kept = 0 if t.save_strategy == "no" else (t.save_total_limit or 1)  # unlimited: at least one
     need = training_footprint(params, weight_bytes, kept, t.save_final_model)
+    if cfg.peft.enabled:  # checkpoints: the fp32 adapter alone (+ AdamW); final/: the merged model in the base's dtype
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        merged = sum(p.numel() * (4 if p.dtype == torch.uint8 else p.element_size()) for p in model.parameters())
+        need, weight_bytes = training_footprint(params, 4, kept, False) + (merged if t.save_final_model else 0), 4
     warn_if_short(out, need, f"{kept} checkpoint(s) of {params / 1e6:.1f}M parameters x ({weight_bytes} + 8 AdamW) "
                              f"bytes" + (" + final/" if t.save_final_model else ""))
 
@@ -210,9 +215,14 @@ def train(cfg: Config, out: Path, plan: dict[str, Any]) -> Path:
     model_path = resolve_path(cfg.model)
     policy_dtype, base_dtype = weight_dtypes(cfg)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = load_model(model_path, cfg.model, tokenizer, dtype=policy_dtype)
     wants_base = (cfg.method.uses_kl or cfg.train.log_kl) and not uses_anchor_cache(cfg)
-    base = load_model(model_path, cfg.model, tokenizer, dtype=base_dtype) if wants_base else None
+    if cfg.peft.enabled:  # a frozen half-precision (or 4-bit) base under fp32 adapters; the anchor is its adapter-off pass
+        model = load_model(model_path, cfg.model, tokenizer, dtype=base_dtype, **lora.load_kwargs(cfg.peft, base_dtype))
+        model = lora.wrap(model, cfg.peft, cfg.train.gradient_checkpointing, cfg.train.seed)
+        base = None
+    else:
+        model = load_model(model_path, cfg.model, tokenizer, dtype=policy_dtype)
+        base = load_model(model_path, cfg.model, tokenizer, dtype=base_dtype) if wants_base else None
     with args.main_process_first(desc="tokenising"):
         dataset = load_train_dataset(cfg.data, tokenizer, with_keys=uses_anchor_cache(cfg))
     anchor_cache = None
@@ -229,7 +239,7 @@ def train(cfg: Config, out: Path, plan: dict[str, Any]) -> Path:
     trainer = ASFTTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, method=cfg.method, base_model=base, loss_chunk_rows=cfg.train.loss_chunk_rows,
-        fused_head=cfg.train.fused_head, anchor_cache=anchor_cache,
+        fused_head=cfg.train.fused_head, anchor_cache=anchor_cache, adapter_anchor=cfg.peft.enabled and wants_base,
         callbacks=[*training_callbacks(out / METRICS_FILE, len(tokenizer)), preemption],
     )
     if plan["action"] == "save_only":  # killed after the last checkpoint, before final/: no extra step

@@ -7,6 +7,7 @@ import math
 import shutil
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from asft_repro.kl_schedule import KLController
 from asft_repro.fused_head import (FusedLoss, auto_chunk_rows, decoder_and_head, enable_fused_head,
                                    response_hidden, supports_fused_head)
 from asft_repro.losses import loss_and_token_sums, summarize, token_stats
+from asft_repro import lora
 from asft_repro.reference import prepare_reference_model
 from asft_repro.rundir import RunDirError
 
@@ -51,7 +53,7 @@ class ASFTTrainer(Trainer):
 
     def __init__(self, *args: Any, method: MethodConfig, base_model: torch.nn.Module | None = None,
                  loss_chunk_rows: int | None = None, fused_head: bool = True, anchor_cache: Any = None,
-                 **kwargs: Any) -> None:
+                 adapter_anchor: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # compute_loss, not the model, takes num_items_in_batch
         for callback in (PrinterCallback, ProgressCallback):  # the console gets ConsoleLogCallback's lines
@@ -63,6 +65,8 @@ class ASFTTrainer(Trainer):
         if self.fused_head:
             enable_fused_head(self.model)
         self.base_model = prepare_reference_model(base_model, self.accelerator) if base_model is not None else None
+        # peft: the base is this very model with its adapters off (asft_repro/lora.py), no second copy
+        self.adapter_anchor = adapter_anchor and self.base_model is None and anchor_cache is None
         # method.anchor=cache: the base's top-k rows come from an AnchorCache (asft_repro/anchor_cache.py), no base model
         self.anchor_cache = anchor_cache if self.base_model is None else None
         self._metric_sums: dict[str, float] = defaultdict(float)
@@ -81,7 +85,15 @@ class ASFTTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (internal calls) stay sharded per rank under FSDP2; an explicit save (final/) gathers the
-        full state dict once (a collective), and rank 0 writes one Hugging Face folder."""
+        full state dict once (a collective), and rank 0 writes one Hugging Face folder (under peft: the merged model
+        and adapter/, :func:`asft_repro.lora.save_final`)."""
+        if not _internal_call and lora.is_peft(self.model):
+            state_dict = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else self.model.state_dict()
+            if self.args.should_save:
+                folder = output_dir or self.args.output_dir
+                lora.save_final(self.model, retied(state_dict, self.model), folder)
+                self.processing_class.save_pretrained(folder)
+            return None
         if not self.is_fsdp_enabled or _internal_call:
             return super().save_model(output_dir, _internal_call)
         state_dict = self.accelerator.get_state_dict(self.model)  # full tensors on rank 0, {} elsewhere
@@ -117,10 +129,11 @@ class ASFTTrainer(Trainer):
         """Row losses from hidden states (no [B, T, V] logits), the base's hidden rows computed without grad
         (or, with ``anchor``, its cached top-k rows)."""
         base_hidden = base_head = None
-        if self.base_model is not None:
-            with torch.no_grad():
-                base_hidden = response_hidden(self.base_model, labels=labels, **model_inputs)
-            base_head = decoder_and_head(self.base_model)[1]
+        base = self._anchor_model(model)
+        if base is not None:
+            with torch.no_grad(), self._anchor_context(model):
+                base_hidden = response_hidden(base, labels=labels, **model_inputs)
+            base_head = decoder_and_head(base)[1]  # under peft: the policy's own (frozen) head
         request = FusedLoss(labels, self.method.name, base_hidden, base_head, self._kl_coef(),
                             self.method.kl_direction, self.loss_chunk_rows, anchor=anchor)
         loss_rows, stats = model(**model_inputs, from_hidden=request)
@@ -131,14 +144,24 @@ class ASFTTrainer(Trainer):
         """The logits-level path (:func:`asft_repro.losses.compute_loss`, summed), for models the fused head does not cover."""
         logits = model(**model_inputs, use_cache=False).logits
         base_logits = None
-        if self.base_model is not None:
-            with torch.no_grad():
-                base_logits = self.base_model(**model_inputs, use_cache=False).logits
+        base = self._anchor_model(model)
+        if base is not None:
+            with torch.no_grad(), self._anchor_context(model):
+                base_logits = base(**model_inputs, use_cache=False).logits
         elif anchor is not None:
             with torch.no_grad():
                 base_logits = completed_base_logits(logits, labels, anchor.to(logits.device), self.loss_chunk_rows)
         return loss_and_token_sums(logits, labels, self.method.name, base_logits=base_logits, kl_coef=self._kl_coef(),
                                    kl_direction=self.method.kl_direction, num_items=1, chunk_rows=self.loss_chunk_rows)
+
+    # ---- peft (asft_repro/lora.py): the anchor is the model itself with its adapters off ----
+    def _anchor_model(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The model giving the base distribution: the frozen base, ``model`` itself under peft, or None."""
+        return model if self.adapter_anchor else self.base_model
+
+    def _anchor_context(self, model: torch.nn.Module):
+        return lora.adapter_off(model) if self.adapter_anchor else nullcontext()
+    # ---- end peft ----
 
     def _kl_coef(self) -> float:
         """λ for this optimizer step: the schedule's (``method.kl_schedule``), or ``method.kl_coef`` without a KL term."""

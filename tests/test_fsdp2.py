@@ -3,7 +3,7 @@ batch, per-rank sharded checkpoints, one Hugging Face final/, SIGKILL after a ch
 
 Two torchrun launches in all (tests/fsdp2_launch.py runs several product runs per launch): the first trains ASFT
 with the fused head (checkpoints every 2 steps), ASFT on the logits path, ASFT from the cached anchor, SFT with
-KL logging, and a copy of the fused run that is SIGKILLed right after its step-2 checkpoint; the second resumes
+KL logging, ASFT with peft=lora (on fsdp2 and on DDP ranks), and a copy of the fused run that is SIGKILLed right after its step-2 checkpoint; the second resumes
 it (and publishes the final/ of a run killed after its last checkpoint). The references run in this process.
 """
 
@@ -35,7 +35,10 @@ VARIANTS = {
     "asft_logits": ["method=asft", "train.fused_head=false", "train.save_strategy=steps", "train.save_steps=4"],
     "asft_cache": ["method=asft", "method.anchor=cache", f"method.anchor_k={K}", "train.save_strategy=no"],
     "sft_log_kl": ["method=sft", "train.log_kl=true", "train.save_strategy=no"],
+    # peft=lora (issue 20): the anchor is the adapter-off pass of the sharded model itself
+    "asft_lora": ["method=asft", "peft=lora", "train.learning_rate=5e-3", "train.save_strategy=no"],
 }
+DDP_VARIANTS = ("asft_lora",)  # also on 2 DDP ranks, in the same launch
 KILLED = "asft_killed"  # the fused run again, SIGKILLed after its step-2 checkpoint
 
 
@@ -83,6 +86,7 @@ def runs(tmp_path_factory, demo_data, tiny_model_path) -> dict[str, Path]:
     build_anchor_cache(OmegaConf.to_object(compose_config("config", [
         "experiment=demo", f"data.data_dir={data}", "data.size=64", f"method.anchor_k={K}"])))
     jobs = [{"overrides": overrides(data, tmp / "fsdp2" / v, v, "train.strategy=fsdp2")} for v in VARIANTS]
+    jobs += [{"overrides": overrides(data, tmp / "ddp" / v, v, "train.strategy=ddp")} for v in DDP_VARIANTS]
     jobs.append({"overrides": overrides(data, tmp / KILLED, "asft_fused", "train.strategy=fsdp2"), "kill_after_save": 2})
     done = torchrun(tmp, jobs, "train")
     assert done.returncode != 0 and "Signal 9 (SIGKILL)" in done.stderr, done.stderr[-3000:]  # the last job was killed
@@ -109,6 +113,22 @@ def test_two_fsdp2_ranks_match_one_process(runs, variant):
     assert max_diff(weights(sharded), weights(single)) < 1e-5
     if variant != "asft_fused":
         assert rows(sharded)[-1].get("kl_forward", 0) > 0.01  # the KL paths were exercised, not 0 vs 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", DDP_VARIANTS)
+def test_two_ddp_ranks_match_one_process(runs, variant):
+    ddp, single = runs["tmp"] / "ddp" / variant, runs["tmp"] / "single" / variant
+    record = json.loads((ddp / "run.json").read_text())
+    assert (record["world_size"], record["strategy"], record["train_status"]) == (2, "ddp", "complete")
+    got, want = rows(ddp), rows(single)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for row, ref in zip(got, want):
+        for key in ("loss", "ce", "dft", "kl_forward", "kl_reverse", "grad_norm"):
+            assert row[key] == pytest.approx(ref[key], abs=1e-5), (row["step"], key)
+    assert max_diff(weights(ddp), weights(single)) < 1e-5
+    adapter = lambda run: load_file(str(run / "final" / "adapter" / "adapter_model.safetensors"))  # noqa: E731
+    assert max_diff(adapter(ddp), adapter(single)) < 1e-5 and got[-1]["kl_forward"] > 0.01
 
 
 @pytest.mark.slow

@@ -78,3 +78,24 @@ def test_detectable_effects_from_prepared_files_or_published_sizes(tmp_path, cap
     main(["experiment=table1_math", "method=sft", "data.size=10k", "--discordance", "0.2"])
     out = capsys.readouterr().out
     assert "Smallest paired difference" in out and "| math     | aime24" in out and "26.2" in out  # 2.80^2 / 30 > 2.80 * sqrt(.2 / 30)
+
+
+def test_lora_and_qlora_memory_follow_the_documented_formula():
+    """peft=lora / qlora on one GPU: a frozen bf16 (or NF4) base, fp32 adapters with AdamW, no base copy."""
+    from asft_repro.plan import NF4_BYTES
+
+    p, b, t, h, layers, v, inter, kv, r = 7.62e9, 4, 2048, 3584, 28, 152064, 18944, 512, 8
+    adapters = r * layers * (2 * h + 2 * h + 2 * (h + kv) + 3 * (h + inter))  # q, o, k, v, gate, up, down
+    assert adapters == pytest.approx(20.19e6, rel=1e-3)  # peft's own count for Qwen2.5-7B at r=8 (print_trainable_parameters)
+    full = plan(["experiment=lora_math", "method=asft", "peft=none", "train.strategy=ddp"], Hardware(gpus=1)).iloc[0]
+    row = plan(["experiment=lora_math", "method=asft"], Hardware(gpus=1, gpu_mem_gb=24)).iloc[0]
+    assert row["policy+optim_GB"] == pytest.approx((2 * p + 16 * adapters) / 1e9, abs=0.06)
+    assert row["base_GB"] == 0 and row["gathered_GB"] == 0 and full["base_GB"] > 15  # the anchor is not a second copy
+    assert row["activations_GB"] == pytest.approx((layers * b * t * h * 2 + 17 * b * t * h * 2) / 1e9, abs=0.06)
+    assert row["head_GB"] == pytest.approx(4 * 4 * 110 * v / 1e9, abs=0.06)  # chunks only: the head is frozen
+    assert row["fits"] == "yes" and row["mem_GB"] < 24 < full["mem_GB"]
+    q = plan(["experiment=lora_math", "method=asft", "peft=qlora"], Hardware(gpus=1, gpu_mem_gb=24)).iloc[0]
+    root = 2 * v * h
+    assert q["policy+optim_GB"] == pytest.approx((NF4_BYTES * (p - root) + 4 * root + 16 * adapters) / 1e9, abs=0.06)
+    assert q["mem_GB"] < row["mem_GB"] - 6
+    assert "-asft-kl0.03-lora_r8-s42-" in row["run_dir"] and "-qlora_r8-" in q["run_dir"]
