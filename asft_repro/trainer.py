@@ -109,7 +109,8 @@ class ASFTTrainer(Trainer):
         keys = inputs.get("record_key")
         if keys is None:
             raise ValueError("method.anchor=cache needs the dataset's record_key column (asft_repro.data.load_train_dataset) "
-                             "passed through the collator (asft_repro.data.PadCollator)")
+                             "passed through the collator (asft_repro.data.PadCollator or "
+                             "asft_repro.padding_free.PaddingFreeCollator)")
         return self.anchor_cache.rows(keys.tolist())
 
     def _fused_loss(self, model, model_inputs: dict, labels: torch.Tensor,
@@ -149,6 +150,8 @@ class ASFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        if "position_ids" in inputs:  # a padding-free packed row (asft_repro/padding_free.py): policy and base alike
+            model_inputs["position_ids"] = inputs["position_ids"]
         anchor = self._cached_anchor(inputs)
         if self.fused_head:
             loss_sum, sums = self._fused_loss(model, model_inputs, labels, anchor)
