@@ -78,3 +78,31 @@ def test_detectable_effects_from_prepared_files_or_published_sizes(tmp_path, cap
     main(["experiment=table1_math", "method=sft", "data.size=10k", "--discordance", "0.2"])
     out = capsys.readouterr().out
     assert "Smallest paired difference" in out and "| math     | aime24" in out and "26.2" in out  # 2.80^2 / 30 > 2.80 * sqrt(.2 / 30)
+
+
+def test_plan_counts_real_token_lengths_padded_and_padding_free(demo_data, capsys):
+    """With prepared data and its tokenizer at hand, tokens (and GPU-hours) come from the records' real lengths."""
+    job = ["experiment=math_asft_10k", f"data.data_dir={demo_data}", "data.size=64", "model.path=tiny"]
+    slow = Hardware(tflops=1e-9)  # the tiny model: GPU-hours large enough to compare after rounding
+    padded, packed = (plan([*job, f"train.padding_free={on}"], slow).iloc[0] for on in ("false", "true"))
+    from asft_repro.data import load_train_dataset
+    from asft_repro.modeling import load_tokenizer, resolve_path
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(compose_config("config", job))
+    lengths = [len(r) for r in load_train_dataset(cfg.data, load_tokenizer(resolve_path(cfg.model)))["input_ids"]]
+    epochs = padded["steps"] * cfg.train.global_batch_size // len(lengths)  # 3 steps of 256 = 12 passes over 64 records
+    assert padded["tokens_from"] == "data" and padded["tokens_padding_free"] == epochs * sum(lengths)
+    assert sum(lengths) * epochs < padded["tokens_padded"] <= padded["steps"] * cfg.train.global_batch_size * max(lengths)
+    assert (padded["tokens"], packed["tokens"]) == (padded["tokens_padded"], padded["tokens_padding_free"])
+    assert packed["GPU_h"] / padded["GPU_h"] == pytest.approx(packed["tokens"] / padded["tokens"], rel=0.02)
+    main([*job, "train.padding_free=true"])
+    assert "tokens: real token lengths of the prepared data (data); padded" in capsys.readouterr().out
+
+
+def test_plan_without_data_bounds_tokens_by_max_length(capsys):
+    row = plan(["experiment=math_asft_10k", "data.data_dir=/nonexistent"], Hardware()).iloc[0]
+    assert row["tokens_from"] == "max_length" and row["tokens"] == row["steps"] * 256 * 2048
+    main(["experiment=math_asft_10k", "data.data_dir=/nonexistent"])
+    assert "records x data.max_length" in capsys.readouterr().out
