@@ -63,6 +63,7 @@ plots:
 
 bench: setup
 	$(PY) -m asft_repro.bench
+	$(PY) -m asft_repro.bench --lengths realistic   # padded vs padding-free micro-batches (docs/padding_free.md)
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15   # a worker per core, a file per worker at a time; the 15 slowest tests stay visible

@@ -21,6 +21,14 @@ one batch whose first half of every sequence is prompt; one AdamW step per itera
 the bench's vocabulary and hidden size whose head is scaled to a 1.5-nat base entropy, the policy a perturbed copy
 (``asft_repro.anchor.kl_errors``; ``python -m asft_repro.anchor --error-table`` gives the whole table).
 
+``--lengths realistic`` times padding-free batches (``train.padding_free``, asft_repro/padding_free.py) instead:
+ASFT on the fused path, a micro-batch of ``--batch`` records whose (prompt, response) token counts are drawn per
+repeat from the prepared data (``--data-file``, tokenised with ``--tokenizer``, when both are at hand) or else from
+:data:`asft_repro.lengths.FITTED` (a log-normal stand-in for NuminaMath-CoT), once padded (``asft_padded``) and once
+as one packed row (``asft_packed``), on a model whose decoder outweighs its head as a 1.5B model's does (hidden 256,
+4 layers, vocabulary 8192 unless given). It prints ``padding-free/padded step-time ratio`` and
+``padding-free max |dloss|`` (the first step's loss, packed against padded, from the same weights).
+
 Each repeat runs every variant once, in turn; ratios are taken within a repeat and reported as median
 (min). Peak memory: CUDA's max allocated on a GPU; on CPU the growth of peak RSS over the state after
 set-up (models, optimizer, batch), with glibc told to return large blocks to the system
@@ -38,22 +46,29 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from asft_repro import lora
 from asft_repro.anchor import kl_errors, random_pair
 from asft_repro.anchor_cache import AnchorRows, topk_rows
 from asft_repro.cli import OneLineParser
-from asft_repro import lora
-from asft_repro.config import MethodConfig, PeftConfig
+from asft_repro.config import DataConfig, MethodConfig, ModelConfig, PeftConfig
+from asft_repro.data import PadCollator
 from asft_repro.fused_head import FusedLoss, auto_chunk_rows, enable_fused_head, head_weight, logits_rows, response_hidden
+from asft_repro.lengths import FITTED, data_lengths
 from asft_repro.losses import IGNORE_INDEX, chunks, compute_loss
+from asft_repro.padding_free import PACKED_SDPA, PaddingFreeCollator
 from asft_repro.paper import PAPER_KL_COEF
 
 VARIANTS = ("sft", "dft", "asft", "asft_logits", "asft_naive", "asft_cached", "sft_lora", "asft_lora")
 LORA_RANK = 8
+LENGTH_VARIANTS = ("asft_padded", "asft_packed")  # --lengths realistic
+REALISTIC_SHAPE = {"vocab": 8192, "hidden": 256, "layers": 4}  # decoder FLOPs ~5x the head's, as Qwen2.5-Math-1.5B
 
 
 def _rss_now_mb() -> float:
@@ -139,14 +154,27 @@ def make_step(variant: str, policy, base, ids: torch.Tensor, labels: torch.Tenso
     return with_logits
 
 
+def length_batch(records: str, vocab: int, packed: bool, device: str) -> dict[str, torch.Tensor]:
+    """``--records "p:r,p:r,..."`` (prompt, response token counts) as random-token records, padded or packed."""
+    gen = torch.Generator().manual_seed(0)
+    feats = []
+    for pair in records.split(","):
+        prompt, response = map(int, pair.split(":"))
+        ids = torch.randint(0, vocab, (prompt + response,), generator=gen).tolist()
+        feats.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    batch = PaddingFreeCollator()(feats) if packed else PadCollator(0)(feats)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rss_start = _rss_now_mb()
     torch.manual_seed(0)
+    batch = length_batch(args.records, args.vocab, variant == "asft_packed", device) if args.records else None
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=args.seq, tie_word_embeddings=False)
+                         max_position_embeddings=max(args.seq, args.max_length), tie_word_embeddings=False)
     policy = Qwen2ForCausalLM(config).to(device, dtype)
     base = None
     if variant.endswith("_lora"):
@@ -155,18 +183,27 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str
         base = Qwen2ForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
         base.load_state_dict(policy.state_dict())
     optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
-    labels = ids.clone()
-    labels[:, : args.seq // 2] = IGNORE_INDEX
+    if batch is not None:
+        ids, labels = batch["input_ids"], batch["labels"]
+    else:
+        ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+        labels = ids.clone()
+        labels[:, : args.seq // 2] = IGNORE_INDEX
     anchor = None
     if variant == "asft_cached":  # built before the timed steps; the base is then freed (it is never loaded in training)
         anchor = cached_anchor_rows(base, ids, labels, MethodConfig().anchor_k).to(device)
         base = None
         gc.collect()
-    loss_fn = make_step(variant, policy, base, ids, labels, anchor)
+    if variant in LENGTH_VARIANTS:
+        loss_fn = length_step(variant == "asft_packed", policy, base, batch)
+    else:
+        loss_fn = make_step(variant, policy, base, ids, labels, anchor)
+    losses = []
 
     def step() -> None:
-        loss_fn().backward()
+        loss = loss_fn()
+        losses.append(loss.item())
+        loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
 
@@ -185,12 +222,32 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str
     # weights included: CUDA's max allocated already counts them; on CPU the peak over the process before the models
     total = peak if device == "cuda" else _rss_peak_mb() - rss_start
     frozen_mb = sum(p.numel() * p.element_size() for p in policy.parameters() if not p.requires_grad) / 2**20
-    return {"step_s": seconds, "peak_mb": peak, "total_mb": total, "frozen_mb": frozen_mb, "device": device}
+    return {"step_s": seconds, "peak_mb": peak, "total_mb": total, "frozen_mb": frozen_mb, "device": device,
+            "first_loss": losses[0]}
+
+
+def length_step(packed: bool, policy, base, batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """ASFT on the fused path over a padded batch or a packed row (attention per record, position ids per record)."""
+    if packed:
+        policy.set_attn_implementation(PACKED_SDPA)
+        base.set_attn_implementation(PACKED_SDPA)
+    enable_fused_head(policy)
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    labels = batch["labels"]
+
+    def fused() -> torch.Tensor:
+        with torch.no_grad():
+            base_hidden = response_hidden(base, inputs["input_ids"], inputs.get("attention_mask"), labels,
+                                          position_ids=inputs.get("position_ids"))
+        rows, _stats = policy(**inputs, from_hidden=FusedLoss(labels, "asft", base_hidden, base.lm_head))
+        return rows.sum() / max(rows.numel(), 1)
+    return fused
 
 
 def child(variant: str, args: argparse.Namespace) -> dict[str, float | str]:
     cmd = [sys.executable, "-m", "asft_repro.bench", "--child", variant] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "repeats")]
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        if k not in ("child", "repeats", "lengths", "data_file", "tokenizer") and v is not None]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the OS: RSS = live memory
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -212,10 +269,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lengths", choices=("fixed", "realistic"), default="fixed",
+                        help="realistic: padded vs padding-free micro-batches of real record lengths")
+    parser.add_argument("--data-file", default="data/numina_cot/10k/train.jsonl",
+                        help="--lengths realistic: the prepared data whose token lengths are drawn")
+    parser.add_argument("--tokenizer", default="Qwen/Qwen2.5-Math-1.5B", help="--lengths realistic: tokenises --data-file")
+    parser.add_argument("--max-length", type=int, default=2048, help="--lengths realistic: data.max_length")
+    parser.add_argument("--records", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_variant(args.child, args)))
+        return
+    if args.lengths == "realistic":
+        length_bench(parser, args)
         return
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for repeat in range(args.repeats):
@@ -254,6 +321,47 @@ def main() -> None:
     errors = kl_errors(*random_pair(args.vocab, hidden=args.hidden)[:2], k)
     print(f"cached-anchor KL relative error: {errors['fwd_value_err']:.4f} (forward KL at k={k}; gradient "
           f"{errors['fwd_grad_err']:.4f}; reverse {errors['rev_value_err']:.4f} / {errors['rev_grad_err']:.4f})")
+
+
+def record_lengths(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
+    """(prompt, response) token counts to draw micro-batches from, and where they come from."""
+    data = DataConfig(train_file=args.data_file, max_length=args.max_length)
+    found = data_lengths(data, ModelConfig(name="bench", path=args.tokenizer)) if Path(args.data_file).exists() else None
+    if found is not None:
+        return found[0], found[1], f"token lengths of {found[2]} ({args.tokenizer}, max_length {args.max_length})"
+    prompt, response = FITTED.sample(100_000, args.max_length)
+    return prompt, response, (f"asft_repro.lengths.FITTED (log-normal NuminaMath-CoT stand-in; {args.data_file} or "
+                              f"the tokenizer {args.tokenizer} not at hand)")
+
+
+def length_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--lengths realistic: padded vs packed ASFT micro-batches of real lengths; ratio and loss difference lines."""
+    for key, value in REALISTIC_SHAPE.items():  # the realistic shape unless given on the command line
+        if getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
+    prompt, response, source = record_lengths(args)
+    runs: dict[str, list[dict]] = {v: [] for v in LENGTH_VARIANTS}
+    real = padded = 0
+    for repeat in range(args.repeats):
+        pick = np.random.default_rng(repeat).choice(len(prompt), args.batch, replace=False)
+        args.records = ",".join(f"{prompt[i]}:{response[i]}" for i in pick)
+        lengths = prompt[pick] + response[pick]
+        real, padded = real + int(lengths.sum()), padded + int(lengths.max()) * args.batch
+        for variant in LENGTH_VARIANTS:
+            runs[variant].append(child(variant, args))
+        print(f"[bench] repeat {repeat + 1}/{args.repeats} done ({args.records})", file=sys.stderr)
+    device = runs["asft_padded"][0]["device"]
+    print(f"lengths: {source}; {args.repeats} micro-batches of {args.batch} records, {real / padded:.0%} of the padded "
+          f"tokens real")
+    print(f"shape: vocab {args.vocab}, {args.layers} layers, hidden {args.hidden}; device {device}; ASFT, fused head; "
+          f"{args.steps} steps x {args.repeats} repeats")
+    for variant, results in runs.items():
+        steps = [r["step_s"] * 1000 for r in results]
+        print(f"{variant}: step ms median {statistics.median(steps):.1f}, min {min(steps):.1f}")
+    ratios = [x["step_s"] / y["step_s"] for x, y in zip(runs["asft_packed"], runs["asft_padded"])]
+    print(ratio_line("padding-free/padded step-time ratio", ratios))
+    dloss = max(abs(x["first_loss"] - y["first_loss"]) for x, y in zip(runs["asft_packed"], runs["asft_padded"]))
+    print(f"padding-free max |dloss|: {dloss:.2e}")
 
 
 if __name__ == "__main__":

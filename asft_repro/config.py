@@ -208,6 +208,7 @@ class TrainConfig:
     log_kl: bool = True  # load the base model to log KL even when the method does not optimise it
     loss_chunk_rows: Optional[int] = None  # response rows per float32 loss chunk; null = as many as fit in 256 MB
     fused_head: bool = True  # loss from hidden states at response rows, no [B, T, V] logits (Qwen2 / Llama heads)
+    padding_free: bool = True  # each micro-batch as one packed row, attention per record (asft_repro/padding_free.py)
     report_to: list[str] = field(default_factory=lambda: ["wandb"])
     deepspeed: Optional[str] = None  # DeepSpeed JSON for strategy=zero3; null = conf/deepspeed/zero3.json
     dataloader_num_workers: int = 0

@@ -268,10 +268,13 @@ class ResponseRows:
 
 
 def response_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """[N, H] last hidden states of ``model`` at the response rows (called on the root, so FSDP2 hooks run)."""
+                    labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, H] last hidden states of ``model`` at the response rows (called on the root, so FSDP2 hooks run);
+    ``position_ids`` for a padding-free packed row (asft_repro/padding_free.py)."""
     enable_fused_head(getattr(model, "module", model))
-    return model(input_ids=input_ids, attention_mask=attention_mask, from_hidden=ResponseRows(labels, ignore_index))
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 from_hidden=ResponseRows(labels, ignore_index))
 
 
 def enable_fused_head(model: torch.nn.Module) -> None:

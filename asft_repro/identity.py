@@ -20,7 +20,8 @@ from asft_repro.losses import KL_METHOD_NAMES as KL_METHODS
 NON_TRAINING_KEYS = frozenset({
     "data.data_dir", "train.resume", "train.redo_final", "train.report_to", "train.logging_steps", "train.save_strategy",
     "train.save_steps", "train.save_total_limit", "train.dataloader_num_workers", "train.log_kl",
-    "train.loss_chunk_rows", "train.fused_head", "train.per_device_batch_size", "train.gradient_checkpointing", "train.strategy",
+    "train.loss_chunk_rows", "train.fused_head", "train.padding_free", "train.per_device_batch_size",
+    "train.gradient_checkpointing", "train.strategy",
     "train.deepspeed", "train.save_final_model", "model.attn_implementation", "model.arch",
 })
 TRAINING_SECTIONS = ("model", "data", "method", "train", "peft")

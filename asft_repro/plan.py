@@ -40,8 +40,12 @@ Under ``peft=lora`` / ``qlora`` (asft_repro/lora.py) the policy is a frozen base
 
 ``python -m asft_repro.memcheck`` checks this formula against measured peaks (docs/scale.md).
 
-GPU-hours = (6 [4 under peft: no weight gradients] + 2 [recompute] + 2 [base forward]) * P * tokens / (peak TFLOP/s * MFU), tokens counted at
-max_length (an upper bound: real sequences are shorter).
+GPU-hours = (6 [4 under peft: no weight gradients] + 2 [recompute] + 2 [base forward]) * P * tokens. Tokens are
+counted from the prepared data when it and the model's tokenizer are at hand: every record's real token length
+(asft_repro/lengths.py), micro-batches drawn as the Trainer draws them, each padded to its longest record
+(``tokens_padded``) or not padded at all (``tokens_padding_free``, ``train.padding_free``); the run's own (``tokens``)
+prices the GPU-hours. Otherwise they are records x max_length (an upper bound: real sequences are shorter);
+``tokens_from`` says which.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from omegaconf import OmegaConf, open_dict
 from asft_repro.cli import OneLineParser
 from asft_repro.config import BASE_METHOD, Config, ConfigError, ModelArch, register_configs
 from asft_repro.fused_head import WORK_BUFFERS, auto_chunk_rows
+from asft_repro.lengths import data_lengths, run_tokens
 from asft_repro.modeling import resolve_path
 from asft_repro.paths import CONF_DIR, subset_dir
 from asft_repro.rundir import FINAL_DIR, checkpoints, has_weights, read_record
@@ -223,6 +228,26 @@ def run_status(out: Path) -> str:
     return "partial" if record else "new"
 
 
+_LENGTHS: dict[tuple, Any] = {}  # one tokenising pass per data subset and tokenizer, for every job of a sweep
+
+
+def job_tokens(cfg: Config, steps: int) -> dict[str, Any]:
+    """Tokens the job's forward passes cover, padded and padding-free: from the prepared data's real token lengths
+    when it and the tokenizer are at hand (``tokens_from`` = data), else records x max_length (= max_length)."""
+    d, t = cfg.data, cfg.train
+    key = (d.train_file, d.data_dir, d.name, d.size, d.template, d.max_length, cfg.model.path)
+    if key not in _LENGTHS:
+        _LENGTHS[key] = data_lengths(d, cfg.model)
+    found = _LENGTHS[key]
+    if found is None:
+        bound = steps * t.global_batch_size * d.max_length
+        return {"tokens_padded": bound, "tokens_padding_free": bound, "tokens_from": "max_length"}
+    prompt, response, _path = found
+    count = run_tokens(prompt + response, t.per_device_batch_size,
+                       steps * t.global_batch_size // t.per_device_batch_size, seed=t.seed)
+    return {"tokens_padded": count.padded, "tokens_padding_free": count.padding_free, "tokens_from": "data"}
+
+
 def plan_job(cfg: Config, launcher: dict[str, Any], hw: Hardware) -> dict[str, Any]:
     world = (launcher.get("gpus_per_node") or launcher.get("tasks_per_node") or 1) * launcher.get("nodes", 1) \
         if launcher.get("gpus_per_node") else hw.gpus
@@ -233,11 +258,13 @@ def plan_job(cfg: Config, launcher: dict[str, Any], hw: Hardware) -> dict[str, A
     records = num_records(cfg)
     t = cfg.train
     steps = t.max_steps if t.max_steps > 0 else math.ceil(math.ceil(records / t.global_batch_size) * t.num_epochs)
-    tokens = steps * t.global_batch_size * cfg.data.max_length
+    counted = job_tokens(cfg, steps)
+    tokens = counted["tokens_padding_free" if t.padding_free else "tokens_padded"]
     mem = memory_gb(cfg, arch, world)
-    flops_per_token = ((4 if cfg.peft.enabled else 6) + (2 if t.gradient_checkpointing else 0) + (2 if cfg.method.uses_kl or t.log_kl else 0))
+    flops_per_token = ((4 if cfg.peft.enabled else 6) + (2 if t.gradient_checkpointing else 0)
+                       + (2 if cfg.method.uses_kl or t.log_kl else 0))
     gpu_hours = flops_per_token * arch.num_params_b * 1e9 * tokens / (hw.tflops * 1e12 * hw.mfu) / 3600
-    row.update({"strategy": t.strategy, "steps": steps, "tokens": tokens,
+    row.update({"strategy": t.strategy, "steps": steps, "tokens": tokens, **counted,
                 **{f"{k}_GB": round(v, 1) for k, v in mem.items() if k != "total"},
                 "mem_GB": round(mem["total"], 1), "fits": "yes" if mem["total"] <= hw.gpu_mem_gb else "NO: over budget",
                 "GPU_h": round(gpu_hours, 2)})
@@ -315,6 +342,20 @@ def plan(overrides: list[str], hw: Hardware) -> pd.DataFrame:
     return table
 
 
+def token_note(table: pd.DataFrame) -> str:
+    """One line: what the tokens (and so the GPU-hours) were counted from, padded against padding-free."""
+    trained = table[table["tokens_from"].notna()] if "tokens_from" in table else table[:0]
+    if trained.empty:
+        return "tokens: none to train"
+    sources = sorted(set(trained["tokens_from"]))
+    padded, packed = trained["tokens_padded"].sum(), trained["tokens_padding_free"].sum()
+    if sources == ["max_length"]:
+        return ("tokens: records x data.max_length (no prepared data or tokenizer at hand: an upper bound; run "
+                "`python -m data_prep` for real token counts)")
+    return (f"tokens: real token lengths of the prepared data ({', '.join(sources)}); padded {padded:,}, padding-free "
+            f"{packed:,} ({packed / padded:.0%}); GPU-hours price each job's train.padding_free setting")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="asft_repro.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=Hardware.gpus, help="ranks per job unless the launcher says")
@@ -335,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     print(shown.to_markdown(index=False, floatfmt=".1f"))
     print(f"\n{len(table)} jobs, {table['GPU_h'].sum():.1f} GPU-hours at {hw.mfu:.0%} MFU of {hw.tflops:.0f} TFLOP/s; "
           f"memory per GPU against {hw.gpu_mem_gb:.0f} GB (formula: python -m asft_repro.plan --help)")
+    print(token_note(table))
     effects = detectable_effects(table.attrs.get("evals", []), args.discordance)
     if len(effects):
         print("\nSmallest paired difference between two methods each benchmark can detect (80% power, two-sided 5%):")

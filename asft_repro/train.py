@@ -34,6 +34,7 @@ from asft_repro.diskspace import naming_disk_errors, training_footprint, warn_if
 from asft_repro.fsdp import fsdp2_arguments, launched, shards_this_launch
 from asft_repro.identity import config_hash, task_overrides, training_identity
 from asft_repro.modeling import check_model_config, load_model, load_tokenizer, resolve_path, weight_dtypes
+from asft_repro.padding_free import PaddingFreeCollator, enable_padding_free
 from asft_repro.paths import CONF_DIR
 from asft_repro.preemption import Preemption
 from asft_repro.rundir import (FINAL_DIR, METRICS_FILE, RunDirError, RunLock, check_run_dir, checkpoint_step,
@@ -236,8 +237,11 @@ def train(cfg: Config, out: Path, plan: dict[str, Any]) -> Path:
         write_record(out, wandb_id=init_wandb(cfg, out))
     distributed.on_main(warn_about_space, cfg, out, model)
     preemption = Preemption()  # SIGTERM / SIGUSR1: save a checkpoint at the step's end and stop (asft_repro/preemption.py)
+    # train.padding_free: packed rows when policy and base support them, else padded batches (one warning line)
+    padding_free = cfg.train.padding_free and enable_padding_free(model, base)
+    collator = PaddingFreeCollator() if padding_free else PadCollator(tokenizer.pad_token_id)
     trainer = ASFTTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
+        model=model, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=tokenizer, method=cfg.method, base_model=base, loss_chunk_rows=cfg.train.loss_chunk_rows,
         fused_head=cfg.train.fused_head, anchor_cache=anchor_cache, adapter_anchor=cfg.peft.enabled and wants_base,
         callbacks=[*training_callbacks(out / METRICS_FILE, len(tokenizer)), preemption],

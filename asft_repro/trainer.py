@@ -15,6 +15,7 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from asft_repro import lora
 from asft_repro.anchor_cache import AnchorRows, completed_base_logits
 from asft_repro.config import MethodConfig
 from asft_repro.diskspace import disk_full_message, is_disk_full
@@ -25,7 +26,6 @@ from asft_repro.kl_schedule import KLController
 from asft_repro.fused_head import (FusedLoss, auto_chunk_rows, decoder_and_head, enable_fused_head,
                                    response_hidden, supports_fused_head)
 from asft_repro.losses import loss_and_token_sums, summarize, token_stats
-from asft_repro import lora
 from asft_repro.reference import prepare_reference_model
 from asft_repro.rundir import RunDirError
 
@@ -121,7 +121,8 @@ class ASFTTrainer(Trainer):
         keys = inputs.get("record_key")
         if keys is None:
             raise ValueError("method.anchor=cache needs the dataset's record_key column (asft_repro.data.load_train_dataset) "
-                             "passed through the collator (asft_repro.data.PadCollator)")
+                             "passed through the collator (asft_repro.data.PadCollator or "
+                             "asft_repro.padding_free.PaddingFreeCollator)")
         return self.anchor_cache.rows(keys.tolist())
 
     def _fused_loss(self, model, model_inputs: dict, labels: torch.Tensor,
@@ -172,6 +173,8 @@ class ASFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        if "position_ids" in inputs:  # a padding-free packed row (asft_repro/padding_free.py): policy and base alike
+            model_inputs["position_ids"] = inputs["position_ids"]
         anchor = self._cached_anchor(inputs)
         if self.fused_head:
             loss_sum, sums = self._fused_loss(model, model_inputs, labels, anchor)

@@ -3,7 +3,9 @@ batch, per-rank sharded checkpoints, one Hugging Face final/, SIGKILL after a ch
 
 Two torchrun launches in all (tests/fsdp2_launch.py runs several product runs per launch): the first trains ASFT
 with the fused head (checkpoints every 2 steps), ASFT on the logits path, ASFT from the cached anchor, SFT with
-KL logging, ASFT with peft=lora (on fsdp2 and on DDP ranks), and a copy of the fused run that is SIGKILLed right after its step-2 checkpoint; the second resumes
+KL logging, ASFT with peft=lora (on fsdp2 and on DDP ranks), the fused (fsdp2) and cached-anchor (ddp) runs again
+on padding-free packed rows (train.padding_free), and a copy of the fused run that is SIGKILLed right after its
+step-2 checkpoint; the second resumes
 it (and publishes the final/ of a run killed after its last checkpoint). The references run in this process.
 """
 
@@ -28,7 +30,7 @@ from conftest import ROOT, compose_config
 K = 128
 STEPS = 4
 COMMON = ["experiment=demo", "data.size=64", f"train.max_steps={STEPS}", "train.global_batch_size=16",
-          "train.per_device_batch_size=8", "train.report_to=[]", "eval.after_train=false"]
+          "train.per_device_batch_size=8", "train.report_to=[]", "eval.after_train=false", "train.padding_free=false"]
 CHECKPOINTS = ["train.save_strategy=steps", "train.save_steps=2", "train.save_total_limit=2"]
 VARIANTS = {
     "asft_fused": ["method=asft", *CHECKPOINTS],
@@ -40,6 +42,8 @@ VARIANTS = {
 }
 DDP_VARIANTS = ("asft_lora",)  # also on 2 DDP ranks, in the same launch
 KILLED = "asft_killed"  # the fused run again, SIGKILLed after its step-2 checkpoint
+# train.padding_free (issue 21): packed rows on 2 ranks, against the padded runs of the same variant
+PADDING_FREE = {"asft_fused_packed": ("asft_fused", "fsdp2"), "asft_cache_packed": ("asft_cache", "ddp")}
 
 
 def overrides(data: Path, out: Path, variant: str, *extra: str) -> list[str]:
@@ -87,6 +91,8 @@ def runs(tmp_path_factory, demo_data, tiny_model_path) -> dict[str, Path]:
         "experiment=demo", f"data.data_dir={data}", "data.size=64", f"method.anchor_k={K}"])))
     jobs = [{"overrides": overrides(data, tmp / "fsdp2" / v, v, "train.strategy=fsdp2")} for v in VARIANTS]
     jobs += [{"overrides": overrides(data, tmp / "ddp" / v, v, "train.strategy=ddp")} for v in DDP_VARIANTS]
+    jobs += [{"overrides": overrides(data, tmp / "packed" / name, variant, f"train.strategy={strategy}",
+                                     "train.padding_free=true")} for name, (variant, strategy) in PADDING_FREE.items()]
     jobs.append({"overrides": overrides(data, tmp / KILLED, "asft_fused", "train.strategy=fsdp2"), "kill_after_save": 2})
     done = torchrun(tmp, jobs, "train")
     assert done.returncode != 0 and "Signal 9 (SIGKILL)" in done.stderr, done.stderr[-3000:]  # the last job was killed
@@ -103,16 +109,33 @@ def test_two_fsdp2_ranks_match_one_process(runs, variant):
     sharded, single = runs["tmp"] / "fsdp2" / variant, runs["tmp"] / "single" / variant
     record = json.loads((sharded / "run.json").read_text())
     assert (record["world_size"], record["strategy"], record["train_status"]) == (2, "fsdp2", "complete")
-    got, want = rows(sharded), rows(single)
+    assert_same_training(sharded, single)
+    if variant != "asft_fused":
+        assert rows(sharded)[-1].get("kl_forward", 0) > 0.01  # the KL paths were exercised, not 0 vs 0
+
+
+def assert_same_training(run: Path, reference: Path) -> None:
+    """Every step's loss and metrics, and the final weights, within 1e-5 of ``reference``'s."""
+    got, want = rows(run), rows(reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # each step once: only rank 0 writes
     for row, ref in zip(got, want):
         assert row.keys() == ref.keys()
         for key in ("loss", "ce", "dft", "kl_forward", "kl_reverse", "dft_weight_ess", "grad_norm"):
             if key in ref:
                 assert row[key] == pytest.approx(ref[key], abs=1e-5), (row["step"], key)
-    assert max_diff(weights(sharded), weights(single)) < 1e-5
-    if variant != "asft_fused":
-        assert rows(sharded)[-1].get("kl_forward", 0) > 0.01  # the KL paths were exercised, not 0 vs 0
+    assert max_diff(weights(run), weights(reference)) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PADDING_FREE))
+def test_padding_free_ranks_match_padded_batches(runs, name):
+    variant, strategy = PADDING_FREE[name]
+    packed = runs["tmp"] / "packed" / name
+    record = json.loads((packed / "run.json").read_text())
+    assert (record["world_size"], record["strategy"], record["train_status"]) == (2, strategy, "complete")
+    assert "train.padding_free" not in json.dumps(record.get("identity", {}))  # the same training identity
+    assert_same_training(packed, runs["tmp"] / "fsdp2" / variant)  # 2 ranks, padded
+    assert_same_training(packed, runs["tmp"] / "single" / variant)  # 1 process, padded
 
 
 @pytest.mark.slow

@@ -99,3 +99,31 @@ def test_lora_and_qlora_memory_follow_the_documented_formula():
     assert q["policy+optim_GB"] == pytest.approx((NF4_BYTES * (p - root) + 4 * root + 16 * adapters) / 1e9, abs=0.06)
     assert q["mem_GB"] < row["mem_GB"] - 6
     assert "-asft-kl0.03-lora_r8-s42-" in row["run_dir"] and "-qlora_r8-" in q["run_dir"]
+
+
+def test_plan_counts_real_token_lengths_padded_and_padding_free(demo_data, capsys):
+    """With prepared data and its tokenizer at hand, tokens (and GPU-hours) come from the records' real lengths."""
+    job = ["experiment=math_asft_10k", f"data.data_dir={demo_data}", "data.size=64", "model.path=tiny"]
+    slow = Hardware(tflops=1e-9)  # the tiny model: GPU-hours large enough to compare after rounding
+    padded, packed = (plan([*job, f"train.padding_free={on}"], slow).iloc[0] for on in ("false", "true"))
+    from asft_repro.data import load_train_dataset
+    from asft_repro.modeling import load_tokenizer, resolve_path
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(compose_config("config", job))
+    lengths = [len(r) for r in load_train_dataset(cfg.data, load_tokenizer(resolve_path(cfg.model)))["input_ids"]]
+    epochs = padded["steps"] * cfg.train.global_batch_size // len(lengths)  # 3 steps of 256 = 12 passes over 64 records
+    assert padded["tokens_from"] == "data" and padded["tokens_padding_free"] == epochs * sum(lengths)
+    assert sum(lengths) * epochs < padded["tokens_padded"] <= padded["steps"] * cfg.train.global_batch_size * max(lengths)
+    assert (padded["tokens"], packed["tokens"]) == (padded["tokens_padded"], padded["tokens_padding_free"])
+    assert packed["GPU_h"] / padded["GPU_h"] == pytest.approx(packed["tokens"] / padded["tokens"], rel=0.02)
+    main([*job, "train.padding_free=true"])
+    assert "tokens: real token lengths of the prepared data (data); padded" in capsys.readouterr().out
+
+
+def test_plan_without_data_bounds_tokens_by_max_length(capsys):
+    row = plan(["experiment=math_asft_10k", "data.data_dir=/nonexistent"], Hardware()).iloc[0]
+    assert row["tokens_from"] == "max_length" and row["tokens"] == row["steps"] * 256 * 2048
+    main(["experiment=math_asft_10k", "data.data_dir=/nonexistent"])
+    assert "records x data.max_length" in capsys.readouterr().out
