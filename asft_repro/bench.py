@@ -69,6 +69,19 @@ VARIANTS = ("sft", "dft", "asft", "asft_logits", "asft_naive", "asft_cached", "s
 LORA_RANK = 8
 LENGTH_VARIANTS = ("asft_padded", "asft_packed")  # --lengths realistic
 REALISTIC_SHAPE = {"vocab": 8192, "hidden": 256, "layers": 4}  # decoder FLOPs ~5x the head's, as Qwen2.5-Math-1.5B
+# (printed label, variant, reference variant, measure): LoRA lines compare whole peaks (weights included)
+RATIO_LINES = [
+    ("ASFT/SFT step-time ratio", "asft", "sft", "step_s"),
+    ("ASFT/SFT peak-memory ratio", "asft", "sft", "peak_mb"),
+    ("ASFT/naive peak-memory ratio", "asft", "asft_naive", "peak_mb"),
+    ("ASFT/logits-path peak-memory ratio", "asft", "asft_logits", "peak_mb"),
+    ("ASFT/logits-path step-time ratio", "asft", "asft_logits", "step_s"),
+    ("cached-anchor ASFT/SFT step-time ratio", "asft_cached", "sft", "step_s"),
+    ("cached-anchor ASFT/SFT peak-memory ratio", "asft_cached", "sft", "peak_mb"),
+    ("ASFT-LoRA/SFT-LoRA peak-memory ratio", "asft_lora", "sft_lora", "total_mb"),
+    ("ASFT-LoRA/SFT-LoRA step-time ratio", "asft_lora", "sft_lora", "step_s"),
+    ("ASFT-LoRA/full-ASFT peak-memory ratio", "asft_lora", "asft", "total_mb"),
+]
 
 
 def _rss_now_mb() -> float:
@@ -276,6 +289,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="Qwen/Qwen2.5-Math-1.5B", help="--lengths realistic: tokenises --data-file")
     parser.add_argument("--max-length", type=int, default=2048, help="--lengths realistic: data.max_length")
     parser.add_argument("--records", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of the variants (e.g. sft_lora,asft_lora,asft); a ratio line is "
+                             "printed when both of its variants ran")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -284,12 +300,16 @@ def main() -> None:
     if args.lengths == "realistic":
         length_bench(parser, args)
         return
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or not chosen:
+        parser.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    runs: dict[str, list[dict]] = {v: [] for v in chosen}
     for repeat in range(args.repeats):
-        for variant in VARIANTS:
+        for variant in chosen:
             runs[variant].append(child(variant, args))
         print(f"[bench] repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
-    device = runs["sft"][0]["device"]
+    device = runs[chosen[0]][0]["device"]
     print(f"shape: batch {args.batch} x seq {args.seq} x vocab {args.vocab}, {args.layers} layers, hidden {args.hidden}; "
           f"device {device}; {args.steps} steps x {args.repeats} repeats; peak = "
           + ("CUDA max allocated" if device == "cuda" else "peak RSS growth over the post-setup state"))
@@ -299,24 +319,15 @@ def main() -> None:
         peaks = [r["peak_mb"] for r in results]
         print(f"| {variant} | {statistics.median(steps):.1f} | {min(steps):.1f} | {statistics.median(peaks):.1f} | {min(peaks):.1f} |")
 
-    def ratios(a: str, b: str, key: str) -> list[float]:
-        return [x[key] / y[key] for x, y in zip(runs[a], runs[b])]
-
-    print(ratio_line("ASFT/SFT step-time ratio", ratios("asft", "sft", "step_s")))
-    print(ratio_line("ASFT/SFT peak-memory ratio", ratios("asft", "sft", "peak_mb")))
-    print(ratio_line("ASFT/naive peak-memory ratio", ratios("asft", "asft_naive", "peak_mb")))
-    print(ratio_line("ASFT/logits-path peak-memory ratio", ratios("asft", "asft_logits", "peak_mb")))
-    print(ratio_line("ASFT/logits-path step-time ratio", ratios("asft", "asft_logits", "step_s")))
-    print(ratio_line("cached-anchor ASFT/SFT step-time ratio", ratios("asft_cached", "sft", "step_s")))
-    print(ratio_line("cached-anchor ASFT/SFT peak-memory ratio", ratios("asft_cached", "sft", "peak_mb")))
-    print(ratio_line("ASFT-LoRA/SFT-LoRA peak-memory ratio", ratios("asft_lora", "sft_lora", "total_mb")))
-    print(ratio_line("ASFT-LoRA/SFT-LoRA step-time ratio", ratios("asft_lora", "sft_lora", "step_s")))
-    print(ratio_line("ASFT-LoRA/full-ASFT peak-memory ratio", ratios("asft_lora", "asft", "total_mb")))
-    extra = statistics.median(a["total_mb"] - b["total_mb"] for a, b in zip(runs["asft_lora"], runs["sft_lora"]))
-    kl_buffers = 2 * min(auto_chunk_rows(args.vocab), args.batch * (args.seq - args.seq // 2)) * args.vocab * 4 / 2**20
-    print(f"ASFT-LoRA over SFT-LoRA: {extra:+.0f} MB peak; the KL's two extra fused-head chunk buffers are "
-          f"{kl_buffers:.0f} MB (allocated but untouched under SFT, so CPU RSS leaves them out of SFT's peak), a base "
-          f"copy would be {runs['asft_lora'][0]['frozen_mb']:.0f} MB")
+    for label, a, b, key in RATIO_LINES:
+        if a in runs and b in runs:
+            print(ratio_line(label, [x[key] / y[key] for x, y in zip(runs[a], runs[b])]))
+    if "asft_lora" in runs and "sft_lora" in runs:
+        extra = statistics.median(a["total_mb"] - b["total_mb"] for a, b in zip(runs["asft_lora"], runs["sft_lora"]))
+        kl_buffers = 2 * min(auto_chunk_rows(args.vocab), args.batch * (args.seq - args.seq // 2)) * args.vocab * 4 / 2**20
+        print(f"ASFT-LoRA over SFT-LoRA: {extra:+.0f} MB peak; the KL's two extra fused-head chunk buffers are "
+              f"{kl_buffers:.0f} MB (allocated but untouched under SFT, so CPU RSS leaves them out of SFT's peak), a "
+              f"base copy would be {runs['asft_lora'][0]['frozen_mb']:.0f} MB")
     k = MethodConfig().anchor_k
     errors = kl_errors(*random_pair(args.vocab, hidden=args.hidden)[:2], k)
     print(f"cached-anchor KL relative error: {errors['fwd_value_err']:.4f} (forward KL at k={k}; gradient "

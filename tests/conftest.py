@@ -116,10 +116,13 @@ def eval_in_process(request, monkeypatch):
     if request.node.get_closest_marker("subprocess_eval"):
         return
     import asft_repro.train
-    from eval.runner import evaluate
-
-    def evaluate_here(cfg, out: Path) -> None:
-        record = json.loads((out / "run.json").read_text())
-        evaluate(cfg, record["model_path"], out / "eval", cfg.eval.benchmarks)
 
     monkeypatch.setattr(asft_repro.train, "evaluate_in_subprocess", evaluate_here)
+
+
+def evaluate_here(cfg, out: Path) -> None:
+    """What training's child ``python -m eval.run run_dir=OUT`` does, in this process."""
+    from eval.runner import evaluate
+
+    record = json.loads((out / "run.json").read_text())
+    evaluate(cfg, record["model_path"], out / "eval", cfg.eval.benchmarks)
