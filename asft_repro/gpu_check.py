@@ -17,12 +17,14 @@ Checks, each a row of ``<out>/summary.json`` and ``<out>/summary.md`` (exit 1 wh
 * ``anchor_vllm``: ``python -m asft_repro.anchor anchor.backend=vllm`` (skipped without vLLM);
 * ``memory_speed``: one fsdp2 step at the paper shape (4 x 2048 tokens per GPU, activation checkpointing) on 1 and
   on all GPUs: ``torch.cuda.max_memory_allocated`` against the plan's formula, tokens/s and MFU;
-* ``bench``: ``python -m asft_repro.bench`` on CUDA (its max_memory_allocated ratios).
+* ``lora``: ``peft=lora`` ASFT on one GPU (and ``peft=qlora`` when bitsandbytes is installed), final/ + adapter/;
+* ``bench``: ``python -m asft_repro.bench`` on CUDA (its max_memory_allocated ratios, the LoRA lines among them).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -180,11 +182,13 @@ def fused_vs_logits(ctx: Context) -> Check:
                  data={"loss_rel_err": loss_err, "grad_rel_err": grad_err})
 
 
-def train_overrides(ctx: Context, out: Path, *extra: str) -> list[str]:
-    """The runs' config: bf16-mixed fsdp2, 4 steps of 4 records per GPU, final/ only (checkpoints: ``kill_resume``)."""
+def train_overrides(ctx: Context, out: Path, *extra: str, strategy: str = "fsdp2", ranks: int | None = None) -> list[str]:
+    """The runs' config: bf16-mixed fsdp2, 4 steps of 4 records per GPU (all GPUs, or ``ranks``), final/ only
+    (checkpoints: ``kill_resume``)."""
     return [f"model.path={ctx.folder}", "model.name=qwen7b_shape", f"model.dtype={ctx.dtype}", "data=demo_math",
-            f"data.data_dir={ctx.data}", "data.size=256", "data.max_length=512", "train.strategy=fsdp2",
-            f"train.max_steps={TRAIN_STEPS}", f"train.global_batch_size={4 * ctx.gpus}", "train.per_device_batch_size=4",
+            f"data.data_dir={ctx.data}", "data.size=256", "data.max_length=512", f"train.strategy={strategy}",
+            f"train.max_steps={TRAIN_STEPS}", f"train.global_batch_size={4 * (ranks or ctx.gpus)}",
+            "train.per_device_batch_size=4",
             "train.learning_rate=1e-5", "train.save_strategy=no", "train.report_to=[]", "eval.after_train=false",
             "experiment_name=gpu_check", f"output_dir={out}", *extra]
 
@@ -316,13 +320,37 @@ def memory_speed(ctx: Context) -> Check:
                  data={"rows": rows, "peak_tflops": peak, "flops_per_token": MODEL_FLOPS * params})
 
 
+def lora(ctx: Context) -> Check:
+    """``peft=lora`` (and ``peft=qlora`` when bitsandbytes imports): ASFT on one GPU, its anchor the adapter-off pass;
+    final/ (the merged model) and final/adapter/ published."""
+    kinds = ["lora"] + (["qlora"] if _imports("bitsandbytes") else [])
+    parts, data = [], {}
+    for kind in kinds:
+        out = ctx.out / "runs" / kind
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        done = torchrun(1, "asft_repro.train", train_overrides(ctx, out, f"peft={kind}", strategy="ddp", ranks=1),
+                        timeout=420)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            return Check("lora", "fail", f"peft={kind}: {_last_line(done)}")
+        if not ((out / "final" / "config.json").exists() and (out / "final" / "adapter" / "adapter_config.json").exists()):
+            return Check("lora", "fail", f"peft={kind}: final/ or final/adapter/ missing in {out}")
+        data[kind] = {"seconds": seconds}
+        parts.append(f"peft={kind}: {TRAIN_STEPS} steps in {seconds:.0f} s (process start included), final/ + adapter/")
+    if "qlora" not in kinds:
+        parts.append("peft=qlora skipped: bitsandbytes is not installed (pip install 'asft-repro[qlora]')")
+    return Check("lora", "pass", "; ".join(parts), data=data)
+
+
 def bench(ctx: Context) -> Check:
     args = ["--repeats", "1", "--steps", "2"] + (["--vocab", "8192", "--seq", "64"] if ctx.smoke else [])
     done = _run([sys.executable, "-m", "asft_repro.bench", *args], timeout=600)
     if done.returncode:
         return Check("bench", "fail", _last_line(done))
     ratios = [line for line in done.stdout.splitlines() if "ratio" in line or "relative error" in line]
-    return Check("bench", "pass", "; ".join(ratios[:4]), data={"output": done.stdout})
+    shown = ratios[:4] + [line for line in ratios[4:] if "LoRA" in line]
+    return Check("bench", "pass", "; ".join(shown), data={"output": done.stdout})
 
 
 # ---- running and reporting -----------------------------------------------------------------------
@@ -407,9 +435,14 @@ def _max_diff(a: Path, b: Path) -> float:
 
 
 def _has_vllm() -> bool:
+    return _imports("vllm")
+
+
+def _imports(module: str) -> bool:
+    """Whether an optional dependency (vllm, bitsandbytes) imports here."""
     try:
-        import vllm  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means: no usable vLLM here
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any import failure means: not usable here
         return False
     return True
 
@@ -466,7 +499,7 @@ def write_summary(results: list[Check], out: Path, info: dict[str, Any]) -> tupl
 
 
 STEPS = [build_model, prepare_data, fused_vs_logits, one_gpu, all_gpus, kill_resume, evaluate, anchor_vllm, memory_speed,
-         bench]
+         lora, bench]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,28 @@ def test_tokenizer_padded_to_a_real_vocabulary_decodes_every_id():
 def test_makefile_target_runs_the_module():
     makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
     assert "gpu-check:" in makefile and "-m asft_repro.gpu_check" in makefile
+
+
+def test_lora_step_trains_lora_on_one_gpu_and_skips_qlora_without_bitsandbytes(tmp_path, monkeypatch):
+    launched = []
+
+    def fake_torchrun(ranks, module, args, timeout):
+        launched.append((ranks, module, args))
+        final = Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1]) / "final"
+        (final / "adapter").mkdir(parents=True)
+        (final / "config.json").write_text("{}")
+        (final / "adapter" / "adapter_config.json").write_text("{}")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(gpu_check, "torchrun", fake_torchrun)
+    monkeypatch.setattr(gpu_check, "_imports", lambda module: False)
+    ctx = gpu_check.Context(out=tmp_path, shape=gpu_check.SMOKE_SHAPE, layers=2, gpus=8, smoke=True)
+    check = gpu_check.lora(ctx)
+    assert check.status == "pass" and "peft=qlora skipped: bitsandbytes is not installed" in check.detail
+    ((ranks, module, args),) = launched
+    assert (ranks, module) == (1, "asft_repro.train")
+    assert {"peft=lora", "train.strategy=ddp", "train.global_batch_size=4"} <= set(args)
+    monkeypatch.setattr(gpu_check, "_imports", lambda module: module == "bitsandbytes")
+    launched.clear()
+    assert gpu_check.lora(ctx).status == "pass" and [a for *_, args in launched for a in args if a.startswith("peft=")] \
+        == ["peft=lora", "peft=qlora"]
