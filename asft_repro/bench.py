@@ -62,7 +62,7 @@ from asft_repro.data import PadCollator
 from asft_repro.fused_head import FusedLoss, auto_chunk_rows, enable_fused_head, head_weight, logits_rows, response_hidden
 from asft_repro.lengths import FITTED, data_lengths
 from asft_repro.losses import IGNORE_INDEX, chunks, compute_loss
-from asft_repro.padding_free import PACKED_SDPA, PaddingFreeCollator
+from asft_repro.padding_free import PaddingFreeCollator, enable_padding_free
 from asft_repro.paper import PAPER_KL_COEF
 
 VARIANTS = ("sft", "dft", "asft", "asft_logits", "asft_naive", "asft_cached", "sft_lora", "asft_lora")
@@ -241,9 +241,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, float | str
 
 def length_step(packed: bool, policy, base, batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
     """ASFT on the fused path over a padded batch or a packed row (attention per record, position ids per record)."""
-    if packed:
-        policy.set_attn_implementation(PACKED_SDPA)
-        base.set_attn_implementation(PACKED_SDPA)
+    if packed and not enable_padding_free(policy, base):  # what train.py does: the per-record attention
+        raise RuntimeError("the bench model cannot take packed rows")
     enable_fused_head(policy)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     labels = batch["labels"]

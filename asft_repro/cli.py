@@ -121,6 +121,11 @@ def run_cli(program: str, config_name: str, hydra_main: Callable[[], None]) -> N
         sys.exit(str(failed))
 
 
+def cli_error(program: str, what: str, fix: str) -> SystemExit:
+    """The one-line error of the argparse CLIs: ``program: what; fix`` and exit status 1 (raise it)."""
+    return SystemExit(f"{program}: {what}; {fix}")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one ``module: what; fix`` line (``prog`` is the module name)."""
 

@@ -280,7 +280,7 @@ def evaluate(ctx: Context) -> Check:
     run = ctx.runs.get("fsdp2_all_gpus") or ctx.runs.get("fsdp2_1gpu")
     if run is None:
         return Check("eval", "skip", "no final/ to evaluate")
-    backend = "vllm" if _has_vllm() else "hf"
+    backend = "vllm" if _imports("vllm") else "hf"
     args = [sys.executable, "-m", "eval.run", f"run_dir={run}", f"eval.backend={backend}", "eval.limit=2",
             "eval.max_new_tokens=16", f"eval.benchmarks_dir={ctx.data / 'benchmarks'}", "eval.max_model_len=2048"]
     done = _run(args, timeout=600)
@@ -292,7 +292,7 @@ def evaluate(ctx: Context) -> Check:
 
 
 def anchor_vllm(ctx: Context) -> Check:
-    if not _has_vllm():
+    if not _imports("vllm"):
         return Check("anchor_vllm", "skip", "vllm does not import (pip install -e '.[vllm]' on the GPU machine)")
     done = _run([sys.executable, "-m", "asft_repro.anchor", f"model.path={ctx.folder}", "model.name=qwen7b_shape",
                  f"model.dtype={ctx.dtype}", "data=demo_math", f"data.data_dir={ctx.data}", "data.size=256",
@@ -434,10 +434,6 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
 
 
-def _has_vllm() -> bool:
-    return _imports("vllm")
-
-
 def _imports(module: str) -> bool:
     """Whether an optional dependency (vllm, bitsandbytes) imports here."""
     try:
@@ -459,7 +455,7 @@ def machine() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {"host": platform.node(), "gpus": torch.cuda.device_count() if cuda else 0,
             "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "vllm": _has_vllm()}
+            "cuda": torch.version.cuda, "vllm": _imports("vllm")}
 
 
 def run_checks(ctx: Context, steps: list[Callable[[Context], Check]]) -> list[Check]:

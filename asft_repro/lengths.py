@@ -54,9 +54,14 @@ def data_lengths(data: DataConfig, model: ModelConfig) -> tuple[np.ndarray, np.n
         dataset = load_train_dataset(data, tokenizer)
     except (DataError, ConfigError):
         return None
-    prompt = np.asarray([sum(label == IGNORE_INDEX for label in labels) for labels in dataset["labels"]], dtype=np.int64)
-    total = np.asarray([len(ids) for ids in dataset["input_ids"]], dtype=np.int64)
-    return prompt, total - prompt, path
+    prompt, total = [], []
+    for batch in dataset.select_columns(["labels"]).iter(batch_size=4096):  # 100k records: never all in lists at once
+        for labels in batch["labels"]:
+            labels = np.asarray(labels)
+            prompt.append(int((labels == IGNORE_INDEX).sum()))
+            total.append(labels.size)
+    prompt_tokens, all_tokens = np.asarray(prompt, dtype=np.int64), np.asarray(total, dtype=np.int64)
+    return prompt_tokens, all_tokens - prompt_tokens, path
 
 
 @dataclass

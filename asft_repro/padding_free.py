@@ -58,6 +58,17 @@ def record_spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], position_ids.shape[-1]]))
 
 
+_LAST_ROW: list = [None, []]  # [the position_ids tensor last split, its spans]
+
+
+def row_spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """:func:`record_spans`, read once per packed row: every layer of policy and base is handed the same position_ids
+    tensor, so the record boundaries cross to the host once a step instead of once a layer (a GPU sync each)."""
+    if _LAST_ROW[0] is not position_ids:
+        _LAST_ROW[:] = [position_ids, record_spans(position_ids)]
+    return _LAST_ROW[1]
+
+
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None,
                           **kwargs) -> tuple[torch.Tensor, None]:
@@ -65,7 +76,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     (a padded one, with its mask) goes to ``sdpa_attention_forward`` as it is."""
     if attention_mask is not None or position_ids is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    spans = record_spans(position_ids)
+    spans = row_spans(position_ids)
     if len(spans) == 1:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]

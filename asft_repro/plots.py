@@ -9,6 +9,7 @@ for method.anchor=cache, + the λ schedule when not constant, + seed when a meth
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from asft_repro.cli import OneLineParser, setup_logging
+from asft_repro.cli import OneLineParser, cli_error, setup_logging
 from asft_repro.jsonl import JsonlError, read_jsonl  # noqa: E402
 from asft_repro.paper import is_paper_kl  # noqa: E402
 from asft_repro.rundir import read_record  # noqa: E402
@@ -31,9 +32,7 @@ PANELS = [("kl_forward", "KL(base || policy)"), ("dft_weight_ess", "ESS of DFT w
 LAMBDA_PANEL = ("kl_coef", "λ (kl_coef)")  # drawn when some run's λ varies (method.kl_schedule, asft_repro/kl_schedule.py)
 
 
-def fail(what: str, fix: str) -> SystemExit:
-    """The one-line CLI error: ``asft_repro.plots: what; fix``."""
-    return SystemExit(f"asft_repro.plots: {what}; {fix}")
+fail = functools.partial(cli_error, "asft_repro.plots")  # fail(what, fix): the one-line CLI error
 
 
 @dataclass

@@ -16,6 +16,7 @@ wandb artifact (offline by default).
 
 from __future__ import annotations
 
+import functools
 import base64
 import html
 import io
@@ -34,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from asft_repro.cli import OneLineParser, setup_logging  # noqa: E402
+from asft_repro.cli import OneLineParser, cli_error, setup_logging  # noqa: E402
 from asft_repro.intervals import annotate, eval_dirs  # noqa: E402
 from asft_repro.jsonl import JsonlError, read_jsonl  # noqa: E402
 from asft_repro.plots import PlotRun, find_runs, read_curves  # noqa: E402
@@ -46,9 +47,7 @@ FIGURE_PANELS = [("kl_forward", "KL(base || policy)"), ("dft_weight_ess", "ESS o
 log = logging.getLogger(__name__)
 
 
-def fail(what: str, fix: str) -> SystemExit:
-    """The one-line CLI error: ``asft_repro.report: what; fix``."""
-    return SystemExit(f"asft_repro.report: {what}; {fix}")
+fail = functools.partial(cli_error, "asft_repro.report")  # fail(what, fix): the one-line CLI error
 
 
 # ---- what goes on the page ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ The command prints one line per run and exits 1 when an adaptive run misses its 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from asft_repro.cli import OneLineParser, setup_logging  # noqa: E402
+from asft_repro.cli import OneLineParser, cli_error, setup_logging  # noqa: E402
 from asft_repro.jsonl import read_jsonl  # noqa: E402
 from asft_repro.tables import KL_METHODS, read_config  # noqa: E402
 
@@ -30,9 +31,7 @@ TOLERANCE = 0.2  # |second-half mean KL / target - 1| <= 20%
 log = logging.getLogger(__name__)
 
 
-def fail(what: str, fix: str) -> SystemExit:
-    """The one-line CLI error: ``asft_repro.schedule_demo: what; fix``."""
-    return SystemExit(f"asft_repro.schedule_demo: {what}; {fix}")
+fail = functools.partial(cli_error, "asft_repro.schedule_demo")  # fail(what, fix): the one-line CLI error
 
 
 @dataclass

@@ -13,6 +13,7 @@ ablation tables (and a λ-schedule one) appear only when such runs exist. Each t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from asft_repro.cli import OneLineParser, setup_logging
+from asft_repro.cli import OneLineParser, cli_error, setup_logging
 from asft_repro.files import short_hash
 from asft_repro.identity import KL_METHODS, flatten, training_identity
 from asft_repro.intervals import annotate
@@ -48,9 +49,7 @@ _META = {"seed", "wandb_project", "collapse_reason", "run_dir", "config_hash", "
 MODEL_SETTINGS = ("model", "server_model")  # which model was scored: differs per run by design, not a setting
 
 
-def fail(what: str, fix: str) -> SystemExit:
-    """The one-line CLI error: ``asft_repro.tables: what; fix``."""
-    return SystemExit(f"asft_repro.tables: {what}; {fix}")
+fail = functools.partial(cli_error, "asft_repro.tables")  # fail(what, fix): the one-line CLI error
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

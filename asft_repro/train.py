@@ -187,15 +187,15 @@ def warn_about_space(cfg: Config, out: Path, model: torch.nn.Module) -> None:
     """One warning line when ``out``'s filesystem cannot hold the run's checkpoints and final model (estimate:
     :func:`asft_repro.diskspace.training_footprint`; checkpoints = train.save_total_limit, 1 when unlimited, 0 with
     save_strategy=no)."""
-    params = sum(p.numel() for p in model.parameters())
-    weight_bytes = next(model.parameters()).element_size()
     t = cfg.train
     kept = 0 if t.save_strategy == "no" else (t.save_total_limit or 1)  # unlimited: at least one
-    need = training_footprint(params, weight_bytes, kept, t.save_final_model)
     if cfg.peft.enabled:  # checkpoints: the fp32 adapter alone (+ AdamW); final/: the merged model in the base's dtype
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        params, weight_bytes = sum(p.numel() for p in model.parameters() if p.requires_grad), 4
         merged = sum(p.numel() * (4 if p.dtype == torch.uint8 else p.element_size()) for p in model.parameters())
-        need, weight_bytes = training_footprint(params, 4, kept, False) + (merged if t.save_final_model else 0), 4
+        need = training_footprint(params, weight_bytes, kept, False) + (merged if t.save_final_model else 0)
+    else:
+        params, weight_bytes = sum(p.numel() for p in model.parameters()), next(model.parameters()).element_size()
+        need = training_footprint(params, weight_bytes, kept, t.save_final_model)
     warn_if_short(out, need, f"{kept} checkpoint(s) of {params / 1e6:.1f}M parameters x ({weight_bytes} + 8 AdamW) "
                              f"bytes" + (" + final/" if t.save_final_model else ""))
 

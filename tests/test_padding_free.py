@@ -18,7 +18,7 @@ from asft_repro.kl_schedule import KLController
 from asft_repro.losses import IGNORE_INDEX
 from asft_repro.modeling import load_model, load_tokenizer
 from asft_repro.padding_free import (PACKED_SDPA, PaddingFreeCollator, enable_padding_free, record_spans,
-                                     unsupported_reason)
+                                     row_spans, unsupported_reason)
 from asft_repro.trainer import ASFTTrainer
 from conftest import compose_config
 
@@ -47,6 +47,9 @@ def test_collator_packs_records_with_restarting_positions():
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
     assert "attention_mask" not in batch and "record_key" not in batch
     assert record_spans(batch["position_ids"]) == [(0, 3), (3, 5)]
+    row = batch["position_ids"]
+    assert row_spans(row) == [(0, 3), (3, 5)] and row_spans(row) is row_spans(row)  # split once per row, not per layer
+    assert row_spans(torch.tensor([[0, 1, 0]])) == [(0, 2), (2, 3)]  # another row: split anew
 
 
 class KeyedRows:
