@@ -109,7 +109,7 @@ schedule-demo: demo-data   ## adaptive λ on the tiny model: the KL-vs-target ch
 	$(PY) -m asft_repro.train experiment=schedule_demo method.kl_schedule=constant method.kl_coef=0.05 method.kl_target=null train.resume=true
 	$(PY) -m asft_repro.schedule_demo --root $(OUT) --experiment schedule_demo --figure docs/lambda_schedule_demo.png
 
-# Issue 17: FSDP2 as a cluster runs it (docs/scale.md). gpu-check accepts a CUDA machine in < 10 minutes, offline:
+# Issue 17: FSDP2 as a cluster runs it (docs/scale.md). gpu-check accepts a CUDA machine offline (377 s on one H200 before the bench):
 # a 7B-shaped random model, bf16 fsdp2 on 1 and all GPUs, fused vs logits, kill/resume, eval (vLLM if installed),
 # the vLLM anchor, memory vs the plan, tokens/s and MFU -> outputs/gpu_check/summary.{json,md}; exits 1 without CUDA.
 .PHONY: gpu-check plan-measure

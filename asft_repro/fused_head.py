@@ -7,7 +7,8 @@ are computed with the same per-chunk math as :func:`asft_repro.losses.compute_lo
 chunk's gradient, which is sent at once to the hidden rows ([N, H]) and the head weight ([V, H], tied
 embeddings included); the chunk is then dropped, and backward only scales those two gradients (it
 recomputes the chunks when the rows' incoming gradients differ). The chunks reuse four float32
-[chunk, V] buffers. No [B, T, V] tensor of any dtype and no [N, V] float32 tensor beyond one chunk
+[chunk, V] buffers with an anchor, two without (SFT, DFT: logits and log p, the gradient formed in place), and are
+sized so that either way one chunk's work is the same 256 MB budget. No [B, T, V] tensor of any dtype and no [N, V] float32 tensor beyond one chunk
 ever exists.
 
 ``enable_fused_head(model)`` lets ``model(input_ids=..., attention_mask=..., from_hidden=fn)`` run the
@@ -30,12 +31,18 @@ from asft_repro.losses import (IGNORE_INDEX, METHODS_WITH_DFT_WEIGHT, METHODS_WI
 from asft_repro.paper import PAPER_KL_COEF
 
 CHUNK_BUDGET_MB = 256  # float32 work per chunk
-WORK_BUFFERS = 4  # [rows, V] float32 buffers, reused by every chunk: logits, log p, log q, product / gradient
+WORK_BUFFERS = 4  # [rows, V] float32 buffers with an anchor, reused by every chunk: logits, log p, log q, product / gradient
+PLAIN_BUFFERS = 2  # without one (SFT, DFT): logits, log p (the gradient, in place)
 
 
-def auto_chunk_rows(vocab_size: int, budget_mb: float = CHUNK_BUDGET_MB) -> int:
-    """Rows per chunk so that one chunk's float32 work stays within ``budget_mb``."""
-    return max(1, int(budget_mb * 2**20 // (WORK_BUFFERS * 4 * vocab_size)))
+def work_buffers(anchored: bool) -> int:
+    """[rows, V] float32 buffers a chunk uses: with an anchor (resident base or cached rows) or without."""
+    return WORK_BUFFERS if anchored else PLAIN_BUFFERS
+
+
+def auto_chunk_rows(vocab_size: int, budget_mb: float = CHUNK_BUDGET_MB, buffers: int = WORK_BUFFERS) -> int:
+    """Rows per chunk so that one chunk's ``buffers`` float32 [rows, V] buffers stay within ``budget_mb``."""
+    return max(1, int(budget_mb * 2**20 // (buffers * 4 * vocab_size)))
 
 
 def head_weight(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,10 +99,11 @@ def _chunk(sl: slice, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     ``chunk_pass`` on the completed log q~, without a second [c, V] distribution).
     """
     rows = hidden[sl]
-    scratch, logp_buf, logq_buf, spare = (buf[: rows.shape[0]] for buf in work)
+    scratch, logp_buf, *anchor_bufs = (buf[: rows.shape[0]] for buf in work)
     logp = _log_softmax_into(logp_buf, _logits_into(scratch, rows, weight, bias))
     if base is None:
         return chunk_pass(logp, targets[sl], None, dft_weight, kl_coef, reverse, want_grad)
+    logq_buf, spare = anchor_bufs
     if base.hidden is not None:
         logq = _log_softmax_into(logq_buf, _logits_into(scratch, base.hidden[sl], base.weight, base.bias))
         return chunk_pass(logp, targets[sl], logq, dft_weight, kl_coef, reverse, want_grad, [scratch, spare])
@@ -130,7 +138,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                 reverse: bool, chunk_rows: int, want_grad: bool):
         cdtype = _compute_dtype(hidden.dtype)
         n, vocab = hidden.shape[0], weight.shape[0]
-        work = [torch.empty(min(chunk_rows, n), vocab, dtype=cdtype, device=hidden.device) for _ in range(WORK_BUFFERS)]
+        work = [torch.empty(min(chunk_rows, n), vocab, dtype=cdtype, device=hidden.device)
+                for _ in range(work_buffers(base is not None))]
         grads = _HeadGrads(hidden, weight, bias, cdtype, ctx.needs_input_grad[1]) if want_grad else None
         parts = []
         for sl in chunks(n, chunk_rows):
@@ -155,7 +164,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         cdtype = _compute_dtype(hidden.dtype)
         grads = _HeadGrads(hidden, weight, bias, cdtype, ctx.needs_input_grad[1])
         work = [torch.empty(min(ctx.chunk_rows, hidden.shape[0]), weight.shape[0], dtype=cdtype, device=hidden.device)
-                for _ in range(WORK_BUFFERS)]
+                for _ in range(work_buffers(ctx.base is not None))]
         for sl in chunks(hidden.shape[0], ctx.chunk_rows):
             _stats, g = _chunk(sl, hidden, weight, bias, targets, ctx.base, ctx.dft_weight, ctx.kl_coef, ctx.reverse,
                                True, work)
@@ -206,7 +215,7 @@ class FusedLoss:
     base_head: torch.nn.Module | None = None
     kl_coef: float = PAPER_KL_COEF
     kl_direction: str = "forward"
-    chunk_rows: int | None = None  # None: auto_chunk_rows(V)
+    chunk_rows: int | None = None  # None: auto_chunk_rows(V, buffers=work_buffers(anchored)): the same budget either way
     ignore_index: int = IGNORE_INDEX
     anchor: AnchorRows | None = None  # the cached top-k base at the response rows, instead of base_hidden
 
@@ -233,8 +242,8 @@ class FusedLoss:
         want_grad = torch.is_grad_enabled() and (policy_rows.requires_grad or weight.requires_grad)
         return _FusedHeadLoss.apply(
             policy_rows, weight, bias, targets, base, method in METHODS_WITH_DFT_WEIGHT, coef,
-            KLDirection(self.kl_direction) is KLDirection.reverse, self.chunk_rows or auto_chunk_rows(weight.shape[0]),
-            want_grad)
+            KLDirection(self.kl_direction) is KLDirection.reverse,
+            self.chunk_rows or auto_chunk_rows(weight.shape[0], buffers=work_buffers(base is not None)), want_grad)
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

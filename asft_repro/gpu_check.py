@@ -1,6 +1,6 @@
-"""``make gpu-check``: accept a CUDA machine for the paper runs in under 10 minutes, offline (nothing downloaded).
+"""``make gpu-check``: accept a CUDA machine for the paper runs, offline (nothing downloaded; ~6 min on one H200 + the bench).
 
-    python -m asft_repro.gpu_check [--out outputs/gpu_check] [--layers 2]
+    python -m asft_repro.gpu_check [--out outputs/gpu_check] [--layers 2] [--checks fsdp2_1gpu,lora]
 
 The model is a random-init Qwen2 with Qwen2.5-7B's layer shape (hidden 3584, MLP 18944, 28 heads, 4 KV heads) and
 its vocabulary (152064), ``--layers`` layers, saved with ``save_pretrained`` beside the tiny ByteLevel tokenizer
@@ -19,6 +19,9 @@ Checks, each a row of ``<out>/summary.json`` and ``<out>/summary.md`` (exit 1 wh
   on all GPUs: ``torch.cuda.max_memory_allocated`` against the plan's formula, tokens/s and MFU;
 * ``lora``: ``peft=lora`` ASFT on one GPU (and ``peft=qlora`` when bitsandbytes is installed), final/ + adapter/;
 * ``bench``: ``python -m asft_repro.bench`` on CUDA (its max_memory_allocated ratios, the LoRA lines among them).
+
+``--checks`` runs some of them (with ``model``, ``data`` and the runs they compare against); the summary is rewritten
+after every check, so a machine taken back mid-way still leaves the rows it finished.
 """
 
 from __future__ import annotations
@@ -356,7 +359,10 @@ def bench(ctx: Context) -> Check:
 # ---- running and reporting -----------------------------------------------------------------------
 
 def _env(extra: dict[str, str] | None) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    """The children's environment: offline, wandb off, the repository first on an existing PYTHONPATH (packages
+    installed with ``pip install --target`` stay importable)."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", **(extra or {})}
 
 
@@ -370,6 +376,10 @@ def _run(command: list[str], timeout: float, env: dict[str, str] | None = None) 
             kill_tree(proc.pid)
             out, err = proc.communicate()
             err = f"{err}\ntimed out after {timeout:.0f} s"
+    if proc.returncode:  # the summary keeps one line; the console gets the end of the child's own output
+        tail = "\n".join((err or out or "").strip().splitlines()[-40:])
+        print(f"[gpu-check] `{' '.join(command[:6])} ...` exited {proc.returncode}; its last lines:\n{tail}",
+              file=sys.stderr, flush=True)
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
@@ -458,9 +468,11 @@ def machine() -> dict[str, Any]:
             "cuda": torch.version.cuda, "vllm": _imports("vllm")}
 
 
-def run_checks(ctx: Context, steps: list[Callable[[Context], Check]]) -> list[Check]:
-    """Each step in turn; an exception is that step's failure (its last line), and the later steps still run."""
-    results = []
+def run_checks(ctx: Context, steps: list[Callable[[Context], Check]],
+               report: Callable[[list[Check]], Any] | None = None) -> list[Check]:
+    """Each step in turn; an exception is that step's failure (its last line), and the later steps still run.
+    ``report`` gets the rows so far after every step."""
+    results: list[Check] = []
     for step in steps:
         start = time.perf_counter()
         try:
@@ -472,6 +484,8 @@ def run_checks(ctx: Context, steps: list[Callable[[Context], Check]]) -> list[Ch
         check.seconds = round(time.perf_counter() - start, 1)
         print(f"[gpu-check] {check.name}: {check.status} ({check.seconds:.0f} s) {check.detail}", flush=True)
         results.append(check)
+        if report is not None:
+            report(results)
         if check.name in ("model", "data") and check.status == "fail":
             break  # nothing else can run
     return results
@@ -494,16 +508,34 @@ def write_summary(results: list[Check], out: Path, info: dict[str, Any]) -> tupl
     return json_path, md_path
 
 
-STEPS = [build_model, prepare_data, fused_vs_logits, one_gpu, all_gpus, kill_resume, evaluate, anchor_vllm, memory_speed,
-         lora, bench]
+STEPS: dict[str, Callable[[Context], Check]] = {
+    "model": build_model, "data": prepare_data, "fused_vs_logits": fused_vs_logits, "fsdp2_1gpu": one_gpu,
+    "fsdp2_all_gpus": all_gpus, "memory_speed": memory_speed, "lora": lora, "kill_resume": kill_resume,
+    "eval": evaluate, "anchor_vllm": anchor_vllm, "bench": bench}  # the slow, disk-heavy kill/resume after the rest
+NEEDS = {"fsdp2_all_gpus": ["fsdp2_1gpu"], "kill_resume": ["fsdp2_1gpu"], "eval": ["fsdp2_1gpu"]}  # the runs they use
+
+
+def selected_steps(checks: str | None) -> list[Callable[[Context], Check]]:
+    """The steps ``--checks`` names (comma-separated), with ``model``, ``data`` and the runs they need, in STEPS'
+    order; every step when ``checks`` is empty. An unknown name is one line naming the known ones."""
+    if not checks:
+        return list(STEPS.values())
+    names = [name.strip() for name in checks.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STEPS]
+    if unknown:
+        sys.exit(f"{PROG}: unknown check(s) {', '.join(unknown)} in --checks; known: {', '.join(STEPS)}")
+    wanted = {"model", "data", *names, *(need for name in names for need in NEEDS.get(name, []))}
+    return [step for name, step in STEPS.items() if name in wanted]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/gpu_check")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the 7B-shaped model")
+    parser.add_argument("--checks", default="", help=f"comma-separated subset of: {', '.join(STEPS)}")
     parser.add_argument("--smoke-on-cpu", action="store_true", help=argparse.SUPPRESS)  # development: tiny shape, CPU
     args = parser.parse_args(argv)
+    steps = selected_steps(args.checks)
     if not torch.cuda.is_available() and not args.smoke_on_cpu:
         sys.exit(f"{PROG}: no CUDA GPU is visible (torch.cuda.is_available() is False); run `make gpu-check` on a GPU "
                  f"machine with the CUDA build of torch")
@@ -513,8 +545,9 @@ def main(argv: list[str] | None = None) -> None:
     ctx = Context(out=Path(args.out).resolve(), shape=SMOKE_SHAPE if args.smoke_on_cpu else PAPER_SHAPE,
                   layers=args.layers, gpus=gpus, seq=256 if args.smoke_on_cpu else 2048, smoke=args.smoke_on_cpu)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    results = run_checks(ctx, STEPS)
-    json_path, md_path = write_summary(results, ctx.out, machine())
+    info = machine()
+    results = run_checks(ctx, steps, report=lambda rows: write_summary(rows, ctx.out, info))
+    json_path, md_path = write_summary(results, ctx.out, info)
     failed = [r.name for r in results if r.status == "fail"]
     print(f"[gpu-check] summary: {md_path} and {json_path}")
     if failed:

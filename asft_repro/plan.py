@@ -66,7 +66,7 @@ from omegaconf import OmegaConf, open_dict
 
 from asft_repro.cli import OneLineParser
 from asft_repro.config import BASE_METHOD, Config, ConfigError, ModelArch, register_configs
-from asft_repro.fused_head import WORK_BUFFERS, auto_chunk_rows
+from asft_repro.fused_head import auto_chunk_rows, work_buffers
 from asft_repro.lengths import data_lengths, run_tokens
 from asft_repro.modeling import resolve_path
 from asft_repro.paths import CONF_DIR, subset_dir
@@ -142,13 +142,15 @@ def head_bytes(cfg: Config, arch: ModelArch, b: int, with_base: bool) -> float:
     """The LM head's working memory: the fused head's chunks and fp32 weight gradient, or full [B, T, V] logits."""
     t = cfg.train
     if t.fused_head and t.strategy != "zero3":  # the trainer's default path (DeepSpeed falls back to logits)
-        rows = min(t.loss_chunk_rows or auto_chunk_rows(arch.vocab_size), t.per_device_batch_size * cfg.data.max_length)
+        buffers = work_buffers(cfg.method.uses_kl or t.log_kl)  # an anchor: resident base, adapter-off pass or cache
+        rows = min(t.loss_chunk_rows or auto_chunk_rows(arch.vocab_size, buffers=buffers),
+                   t.per_device_batch_size * cfg.data.max_length)
         precision = t.resolved_precision(cfg.model.dtype)
         # the fp32 head-weight gradient is the head's .grad itself when the head computes in fp32 (fp32, or ddp with
         # fp32 master weights); FSDP2's bf16 unsharded head or bf16-true weights take a copy of it
         fp32_head = precision == "fp32" or (t.strategy == "ddp" and not precision.endswith("-true"))
         fp32_head = fp32_head or cfg.peft.enabled  # peft: the head is frozen, no head-weight gradient at all
-        return WORK_BUFFERS * 4 * rows * arch.vocab_size + (0 if fp32_head else 4 * arch.vocab_size * arch.hidden_size)
+        return buffers * 4 * rows * arch.vocab_size + (0 if fp32_head else 4 * arch.vocab_size * arch.hidden_size)
     return t.per_device_batch_size * cfg.data.max_length * arch.vocab_size * (b + 4 + 4 + (b if with_base else 0))
 
 

@@ -59,6 +59,8 @@ class ASFTTrainer(Trainer):
         for callback in (PrinterCallback, ProgressCallback):  # the console gets ConsoleLogCallback's lines
             self.remove_callback(callback)
         self.method = method
+        # the logits path's chunk; the fused head sizes its own (by whether the step has an anchor) unless given
+        self.fused_chunk_rows = loss_chunk_rows
         self.loss_chunk_rows = loss_chunk_rows or auto_chunk_rows(self.model.get_output_embeddings().weight.shape[0])
         # before accelerate wraps forward (autocast, DDP / FSDP2), so the fused call goes through the wrappers
         self.fused_head = fused_head and supports_fused_head(self.model) and not self.is_deepspeed_enabled
@@ -136,7 +138,7 @@ class ASFTTrainer(Trainer):
                 base_hidden = response_hidden(base, labels=labels, **model_inputs)
             base_head = decoder_and_head(base)[1]  # under peft: the policy's own (frozen) head
         request = FusedLoss(labels, self.method.name, base_hidden, base_head, self._kl_coef(),
-                            self.method.kl_direction, self.loss_chunk_rows, anchor=anchor)
+                            self.method.kl_direction, self.fused_chunk_rows, anchor=anchor)
         loss_rows, stats = model(**model_inputs, from_hidden=request)
         return loss_rows.sum(), token_stats(stats, has_base=base_hidden is not None or anchor is not None)
 

@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from asft_repro import fused_head
 from asft_repro.fused_head import FusedLoss, auto_chunk_rows, enable_fused_head, response_hidden
 from asft_repro.losses import IGNORE_INDEX, loss_and_token_sums, summarize, token_stats
 
@@ -205,3 +206,32 @@ def test_no_gradient_work_without_grad(monkeypatch):
 def test_auto_chunk_fits_the_budget():
     assert auto_chunk_rows(151936) == 110  # 256 MB of float32 work / (4 buffers x 4 bytes x V)
     assert auto_chunk_rows(10) > 1000 and auto_chunk_rows(10**9) == 1
+    assert auto_chunk_rows(151936, buffers=2) == 220  # SFT / DFT: two buffers, the same 256 MB
+
+
+@pytest.mark.parametrize("method", ["sft", "asft"])
+def test_every_method_fills_the_same_chunk_budget_with_the_buffers_it_uses(method, monkeypatch):
+    """SFT / DFT allocate the two [rows, V] buffers they touch (twice the rows per chunk), the anchored methods four:
+    the same float32 bytes per chunk, none allocated and left untouched."""
+    vocab = 16384  # budget rows: 2048 with two buffers, 1024 with four
+    policy, base = make_models(tied=False, vocab=vocab)
+    enable_fused_head(policy)
+    ids = torch.randint(0, vocab, (2, 1000), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :200] = IGNORE_INDEX  # 1600 response rows: one two-buffer chunk (cut to them), or two four-buffer ones
+    with torch.no_grad():
+        base_hidden = response_hidden(base, ids, None, labels) if method == "asft" else None
+    allocated, empty = [], torch.empty
+
+    def recording_empty(*shape, **kwargs):
+        out = empty(*shape, **kwargs)
+        if out.dim() == 2 and out.shape[1] == vocab:
+            allocated.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(fused_head.torch, "empty", recording_empty)
+    policy(input_ids=ids, from_hidden=FusedLoss(labels, method, base_hidden, base.lm_head if base_hidden is not None
+                                                else None, chunk_rows=None, kl_coef=0.05))
+    monkeypatch.setattr(fused_head.torch, "empty", empty)
+    assert allocated == ([(1024, vocab)] * 4 if method == "asft" else [(1600, vocab)] * 2)
+    assert 2 * auto_chunk_rows(vocab, buffers=2) * vocab * 4 == 4 * auto_chunk_rows(vocab) * vocab * 4 == 256 * 2**20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -86,3 +87,35 @@ def test_lora_step_trains_lora_on_one_gpu_and_skips_qlora_without_bitsandbytes(t
     launched.clear()
     assert gpu_check.lora(ctx).status == "pass" and [a for *_, args in launched for a in args if a.startswith("peft=")] \
         == ["peft=lora", "peft=qlora"]
+
+
+def test_checks_option_runs_a_subset_with_what_it_needs_and_refuses_unknown_names():
+    names = [step.__name__ for step in gpu_check.selected_steps("kill_resume, lora")]
+    assert names == ["build_model", "prepare_data", "one_gpu", "lora", "kill_resume"]  # STEPS' order, needs added
+    assert gpu_check.selected_steps("") == list(gpu_check.STEPS.values())
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--checks", "lora,qlora"])
+    message = str(exit_info.value.code)
+    assert "unknown check(s) qlora" in message and "kill_resume" in message and "\n" not in message
+
+
+def test_the_summary_is_rewritten_after_every_check(tmp_path):
+    seen = []
+
+    def first(ctx):
+        return Check("model", "pass", "ok")
+
+    def second(ctx):
+        seen.append(json.loads((tmp_path / "summary.json").read_text()))  # what a machine taken back now leaves
+        return Check("fsdp2_1gpu", "pass", "ok")
+
+    ctx = Context(out=tmp_path, shape={}, layers=2, gpus=1)
+    run_checks(ctx, [first, second], report=lambda rows: write_summary(rows, tmp_path, {}))
+    assert [c["name"] for c in seen[0]["checks"]] == ["model"]
+    assert [c["name"] for c in json.loads((tmp_path / "summary.json").read_text())["checks"]] == ["model", "fsdp2_1gpu"]
+
+
+def test_children_keep_an_existing_pythonpath(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")  # packages installed with pip install --target on a bare machine
+    path = gpu_check._env(None)["PYTHONPATH"].split(os.pathsep)
+    assert path == [str(gpu_check.REPO_ROOT), "/tmp/site"]
