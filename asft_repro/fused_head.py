@@ -7,9 +7,9 @@ are computed with the same per-chunk math as :func:`asft_repro.losses.compute_lo
 chunk's gradient, which is sent at once to the hidden rows ([N, H]) and the head weight ([V, H], tied
 embeddings included); the chunk is then dropped, and backward only scales those two gradients (it
 recomputes the chunks when the rows' incoming gradients differ). The chunks reuse four float32
-[chunk, V] buffers with an anchor, two without (SFT, DFT: logits and log p, the gradient formed in place), and are
-sized so that either way one chunk's work is the same 256 MB budget. No [B, T, V] tensor of any dtype and no [N, V] float32 tensor beyond one chunk
-ever exists.
+[chunk, V] buffers with an anchor, two without (SFT, DFT: logits and log p, the gradient formed in
+place), each method's chunk sized to fill the same 256 MB budget. No [B, T, V] tensor of any dtype and
+no [N, V] float32 tensor beyond one chunk ever exists.
 
 ``enable_fused_head(model)`` lets ``model(input_ids=..., attention_mask=..., from_hidden=fn)`` run the
 decoder and return ``fn(last_hidden_states, head)`` through whatever wraps the model (DDP, FSDP2's root
