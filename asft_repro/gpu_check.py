@@ -62,7 +62,7 @@ SMOKE_SHAPE = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4
                    vocab_size=8192, max_position_embeddings=1024)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
 TRAIN_STEPS = 4
-MODEL_FLOPS = 8  # x parameters per token: policy forward + backward (6), base forward (2); recompute not counted
+MODEL_FLOPS = 8  # x matmul parameters per token: policy forward + backward (6), base forward (2); recompute not counted
 
 
 @dataclass
@@ -131,6 +131,13 @@ def build_model(ctx: Context) -> Check:
     return Check("model", "pass", f"random Qwen2, hidden {ctx.shape['hidden_size']}, {ctx.layers} layers, vocabulary "
                  f"{ctx.shape['vocab_size']} ({params / 1e9:.2f} B parameters), tokenizer padded to {len(tokenizer)}",
                  data={"params": params, "folder": str(folder)})
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that take part in a matmul per token: all but an untied input embedding (a lookup, no FLOPs)."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return total if embedding is head else total - embedding.numel()
 
 
 def _meta_model(folder: Path) -> torch.nn.Module:
@@ -307,7 +314,7 @@ def anchor_vllm(ctx: Context) -> Check:
 def memory_speed(ctx: Context) -> Check:
     """fsdp2 steps at the paper's per-GPU shape: max_memory_allocated vs the plan, tokens/s, MFU."""
     config = (ctx.shape["hidden_size"], ctx.layers, ctx.shape["vocab_size"], ctx.seq, 4, True)
-    params = sum(p.numel() for p in _meta_model(ctx.folder).parameters())
+    params = matmul_params(_meta_model(ctx.folder))
     peak = _peak_tflops()
     rows, parts = [], []
     for ranks in sorted({1, ctx.gpus}):

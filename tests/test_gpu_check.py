@@ -119,3 +119,14 @@ def test_children_keep_an_existing_pythonpath(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/tmp/site")  # packages installed with pip install --target on a bare machine
     path = gpu_check._env(None)["PYTHONPATH"].split(os.pathsep)
     assert path == [str(gpu_check.REPO_ROOT), "/tmp/site"]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mfu_counts_matmul_parameters_not_the_embedding_lookup(tied):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with gpu_check.torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    total = sum(p.numel() for p in model.parameters())
+    assert gpu_check.matmul_params(model) == (total if tied else total - 1000 * 64)  # a tied table is the head's matmul
