@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from asft_repro import gpu_check
 from asft_repro.gpu_check import Check, Context, padded_tokenizer, run_checks, write_summary
@@ -123,8 +124,6 @@ def test_children_keep_an_existing_pythonpath(monkeypatch):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_mfu_counts_matmul_parameters_not_the_embedding_lookup(tied):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     with gpu_check.torch.device("meta"):
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
