@@ -44,6 +44,16 @@ class ModelArch:
     intermediate_size: int = 0  # MLP width (LoRA adapter sizes); 0 = derived from num_params_b
     kv_size: int = 0  # width of the k / v projections (key-value heads x head dim); 0 = hidden_size
 
+    @property
+    def root_params(self) -> float:
+        """The embedding and the LM head (one matrix when tied): FSDP2's root unit."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def layer_params(self) -> float:
+        """One decoder block's parameters: the rest, spread over the layers."""
+        return max(self.num_params_b * 1e9 - self.root_params, 0.0) / self.num_layers
+
 
 @dataclass
 class ModelConfig:

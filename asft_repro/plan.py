@@ -158,9 +158,7 @@ def head_bytes(cfg: Config, arch: ModelArch, b: int, with_base: bool) -> float:
 def adapter_params(cfg: Config, arch: ModelArch) -> float:
     """LoRA parameters: r * layers * sum of (in + out) features over the target modules (default: every block linear)."""
     h, kv = arch.hidden_size, arch.kv_size or arch.hidden_size
-    root = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
-    layer = (arch.num_params_b * 1e9 - root) / arch.num_layers
-    inter = arch.intermediate_size or max(layer - 2 * h * h - 2 * h * kv, 0.0) / (3 * h)
+    inter = arch.intermediate_size or max(arch.layer_params - 2 * h * h - 2 * h * kv, 0.0) / (3 * h)
     sizes = {"q_proj": 2 * h, "o_proj": 2 * h, "k_proj": h + kv, "v_proj": h + kv,
              "gate_proj": h + inter, "up_proj": h + inter, "down_proj": h + inter}
     return cfg.peft.r * arch.num_layers * sum(sizes.get(name, 0) for name in (cfg.peft.target_modules or sizes))
@@ -171,13 +169,12 @@ def peft_memory(cfg: Config, arch: ModelArch, world: int, parts: dict[str, float
     t = cfg.train
     params = arch.num_params_b * 1e9
     shards = world if t.strategy == "fsdp2" else 1
-    root = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+    root = arch.root_params
     base = NF4_BYTES * (params - root) + 4 * root if cfg.peft.method == "qlora" else b * params  # qlora: fp32 root
     adapters = adapter_params(cfg, arch)
-    layer = max(params - root, 0.0) / arch.num_layers
     parts = {**parts, "policy+optim": (base + 16 * adapters) / shards,
              "ddp_buckets": 4 * adapters if t.strategy == "ddp" and world > 1 else 0.0, "base": 0.0,
-             "gathered": b * (root + 2 * layer) if t.strategy == "fsdp2" else 0.0}
+             "gathered": b * (root + 2 * arch.layer_params) if t.strategy == "fsdp2" else 0.0}
     parts["optimizer_step"] = max(0.0, 4 * adapters / shards - (parts["gathered"] + parts["activations"] + parts["head"]))
     return parts
 # ---- end peft ----
@@ -195,8 +192,7 @@ def memory_gb(cfg: Config, arch: ModelArch, world: int) -> dict[str, float]:
     btH = t.per_device_batch_size * cfg.data.max_length * arch.hidden_size
     acts = (arch.num_layers * btH * b + ACT_BYTES_PER_LAYER * btH * b if t.gradient_checkpointing
             else arch.num_layers * ACT_BYTES_PER_LAYER * btH * b)
-    root = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)  # embedding + LM head
-    layer = max(params - root, 0.0) / arch.num_layers
+    root, layer = arch.root_params, arch.layer_params
     sharded = t.strategy in ("fsdp2", "zero3")  # units gathered for compute, also on one rank
     base_head = arch.vocab_size * arch.hidden_size if with_base and t.fused_head and t.strategy == "fsdp2" else 0
     gathered = b * (root + 2 * layer * (2 if with_base else 1) + base_head) if sharded else 0.0

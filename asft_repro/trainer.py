@@ -59,9 +59,8 @@ class ASFTTrainer(Trainer):
         for callback in (PrinterCallback, ProgressCallback):  # the console gets ConsoleLogCallback's lines
             self.remove_callback(callback)
         self.method = method
-        # the logits path's chunk; the fused head sizes its own (by whether the step has an anchor) unless given
-        self.fused_chunk_rows = loss_chunk_rows
-        self.loss_chunk_rows = loss_chunk_rows or auto_chunk_rows(self.model.get_output_embeddings().weight.shape[0])
+        # None: each path sizes its chunks itself (the fused head by whether the step has an anchor)
+        self.loss_chunk_rows = loss_chunk_rows
         # before accelerate wraps forward (autocast, DDP / FSDP2), so the fused call goes through the wrappers
         self.fused_head = fused_head and supports_fused_head(self.model) and not self.is_deepspeed_enabled
         if self.fused_head:
@@ -138,7 +137,7 @@ class ASFTTrainer(Trainer):
                 base_hidden = response_hidden(base, labels=labels, **model_inputs)
             base_head = decoder_and_head(base)[1]  # under peft: the policy's own (frozen) head
         request = FusedLoss(labels, self.method.name, base_hidden, base_head, self._kl_coef(),
-                            self.method.kl_direction, self.fused_chunk_rows, anchor=anchor)
+                            self.method.kl_direction, self.loss_chunk_rows, anchor=anchor)
         loss_rows, stats = model(**model_inputs, from_hidden=request)
         return loss_rows.sum(), token_stats(stats, has_base=base_hidden is not None or anchor is not None)
 
@@ -146,6 +145,7 @@ class ASFTTrainer(Trainer):
                      anchor: AnchorRows | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """The logits-level path (:func:`asft_repro.losses.compute_loss`, summed), for models the fused head does not cover."""
         logits = model(**model_inputs, use_cache=False).logits
+        chunk_rows = self.loss_chunk_rows or auto_chunk_rows(logits.shape[-1])
         base_logits = None
         base = self._anchor_model(model)
         if base is not None:
@@ -153,9 +153,9 @@ class ASFTTrainer(Trainer):
                 base_logits = base(**model_inputs, use_cache=False).logits
         elif anchor is not None:
             with torch.no_grad():
-                base_logits = completed_base_logits(logits, labels, anchor.to(logits.device), self.loss_chunk_rows)
+                base_logits = completed_base_logits(logits, labels, anchor.to(logits.device), chunk_rows)
         return loss_and_token_sums(logits, labels, self.method.name, base_logits=base_logits, kl_coef=self._kl_coef(),
-                                   kl_direction=self.method.kl_direction, num_items=1, chunk_rows=self.loss_chunk_rows)
+                                   kl_direction=self.method.kl_direction, num_items=1, chunk_rows=chunk_rows)
 
     # ---- peft (asft_repro/lora.py): the anchor is the model itself with its adapters off ----
     def _anchor_model(self, model: torch.nn.Module) -> torch.nn.Module | None:
