@@ -13,6 +13,7 @@ setup: .venv/.installed
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0       # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip uninstall -q -y scikit-learn   # lm-eval's, for metrics the tests never use; installed, transformers imports it (and scipy) in every process: ~1.5 s each
 	touch $@
 
 demo-data: setup   ## fixture subsets and benchmarks into data/demo (what the demo trains and scores on)
@@ -66,7 +67,7 @@ bench: setup
 	$(PY) -m asft_repro.bench --lengths realistic   # padded vs padding-free micro-batches (docs/padding_free.md)
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15   # a worker per core, a file per worker at a time; the 15 slowest tests stay visible
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15   # a worker per core, a file per worker at a time, the longest files first (tests/conftest.py); the 15 slowest tests stay visible
 
 clean-demo:
 	rm -rf $(OUT)/demo $(OUT)/tables/demo data/demo

@@ -37,7 +37,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2C
 
 from asft_repro.anchor_cache import (FORMAT, FORMAT_VERSION, MANIFEST, SHARD_PATTERN, AnchorCache, AnchorCacheError,
                                      AnchorRows, complete_log_probs, read_manifest, topk_rows, write_shard)
-from asft_repro.cli import OneLineParser, hydra_task, run_cli
+from asft_repro.cli import OneLineParser
+from asft_repro.hydra_cli import hydra_task, process_main, run_cli
 from asft_repro.config import Config, ConfigError, register_configs
 from asft_repro.data import PadCollator, data_manifest, load_train_dataset, train_file
 from asft_repro.files import model_fingerprint, sha256_file, short_hash, write_json_atomic
@@ -474,4 +475,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process_main(main)

@@ -6,6 +6,7 @@ A typo in a key or a value of the wrong type fails at composition; bad values
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,7 +20,7 @@ from asft_repro.errors import ProjectError
 from asft_repro.kl_schedule import SCHEDULES
 from asft_repro.paper import PAPER_KL_COEF
 from asft_repro.prompts import EVAL_TEMPLATES
-from asft_repro.losses import METHODS_WITH_KL, KLDirection, Method
+from asft_repro.methods import METHODS_WITH_KL, KLDirection, Method
 
 BASE_METHOD = "base"  # evaluate the starting model, no training (Table 1's "Base" row)
 TEMPLATES = ("alpaca", "chat")
@@ -393,8 +394,10 @@ class EvalRunConfig(Config):
     out_dir: Optional[str] = None
 
 
+@functools.cache
 def register_configs() -> None:
-    """Register the schema (conf/config.yaml extends it) and the run-name resolver."""
+    """Register the schema (conf/config.yaml extends it) and the run-name resolver, once per process (storing the
+    schema converts the whole dataclass tree, a measurable cost for code that composes many configs)."""
     ConfigStore.instance().store(name="config_schema", node=Config)
     ConfigStore.instance().store(name="eval_run_schema", node=EvalRunConfig)  # conf/eval_run.yaml extends it
     if not OmegaConf.has_resolver("run_name"):

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from asft_repro.anchor_cache import AnchorCacheError, AnchorRows, anchor_grad, anchor_kl_into, anchor_terms, complete_log_probs, masked_log_tail
-from asft_repro.losses import (IGNORE_INDEX, METHODS_WITH_DFT_WEIGHT, METHODS_WITH_KL, KLDirection, Method,
-                               _compute_dtype, chunk_pass, chunks, response_rows, row_losses)
+from asft_repro.losses import IGNORE_INDEX, _compute_dtype, chunk_pass, chunks, response_rows, row_losses
+from asft_repro.methods import METHODS_WITH_DFT_WEIGHT, METHODS_WITH_KL, KLDirection, Method
 from asft_repro.paper import PAPER_KL_COEF
 
 CHUNK_BUDGET_MB = 256  # float32 work per chunk

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asft_repro.files import short_hash
 from asft_repro.kl_schedule import SCHEDULE_KEYS, SCHEDULE_SETTINGS, schedule_tag
-from asft_repro.losses import KL_METHOD_NAMES as KL_METHODS
+from asft_repro.methods import KL_METHOD_NAMES as KL_METHODS
 # Keys that do not change what is trained (paths, bookkeeping, how the work is laid out).
 NON_TRAINING_KEYS = frozenset({
     "data.data_dir", "train.resume", "train.redo_final", "train.report_to", "train.logging_steps", "train.save_strategy",

@@ -19,35 +19,13 @@ positions are never touched.
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 
+from asft_repro.methods import METHODS_WITH_DFT_WEIGHT, METHODS_WITH_KL, KLDirection, Method
 from asft_repro.paper import PAPER_KL_COEF
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_ROWS = 1024
-
-
-class Method(str, Enum):
-    """Training objectives; the value is what configs and ``compute_loss`` accept."""
-
-    sft = "sft"
-    dft = "dft"
-    asft = "asft"
-    sft_kl = "sft_kl"
-
-
-class KLDirection(str, Enum):
-    """``forward`` = KL(pi_base || pi_theta) (paper), ``reverse`` = KL(pi_theta || pi_base)."""
-
-    forward = "forward"
-    reverse = "reverse"
-
-
-METHODS_WITH_KL = {Method.asft, Method.sft_kl}
-KL_METHOD_NAMES = tuple(sorted(m.value for m in METHODS_WITH_KL))  # as configs, run.json and tables spell them
-METHODS_WITH_DFT_WEIGHT = {Method.dft, Method.asft}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

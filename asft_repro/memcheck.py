@@ -160,18 +160,41 @@ def measure_rank(spec: dict[str, Any]) -> dict[str, float]:
 
 # ---- the table -----------------------------------------------------------------------------------
 
+# what a measuring launch needs besides the product's own settings: one thread per rank, freed blocks returned to
+# the system (so peak RSS tracks what training holds), no wandb
+LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "WANDB_MODE": "disabled"}
+
+
+def job_spec(root: Path, config: tuple, strategy: str, ranks: int, folder: Path | None = None,
+             dtype: str = "float32") -> dict[str, Any]:
+    """What :func:`measure_rank` runs for ``config`` (on ``folder``'s model, else a random one of its shape)."""
+    hidden, layers, vocab, seq, batch, checkpointing = config
+    folder = folder or model_dir(root, hidden, layers, vocab, seq)
+    return {"overrides": overrides(folder, seq, batch, ranks, strategy, checkpointing, root / "out", dtype)}
+
+
+def table_row(config: tuple, strategy: str, ranks: int, spec: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """The table's row: ``measured`` (rank 0's :func:`measure_rank` result) against the plan for ``spec``."""
+    hidden, layers, vocab, seq, batch, checkpointing = config
+    plan = predicted_gb(compose_config(spec["overrides"]), ranks)
+    return {"hidden": hidden, "layers": layers, "vocab": vocab, "seq": seq, "batch": batch,
+            "ckpt": "yes" if checkpointing else "no", "strategy": strategy, "ranks": ranks,
+            "predicted_GB": round(plan["total"], 3), "measured_GB": round(measured["measured_gb"], 3),
+            "ratio": round(measured["measured_gb"] / plan["total"], 3), "device": measured["device"],
+            "plan": {k: round(v, 3) for k, v in plan.items()}, "step_s": measured["step_s"],
+            "tokens_per_s": measured["tokens_per_step"] / measured["step_s"]}
+
+
 def run_config(root: Path, config: tuple, strategy: str, ranks: int, folder: Path | None = None,
                dtype: str = "float32") -> dict[str, Any]:
     """One torchrun launch of ``measure_rank`` (on ``folder``'s model, else a random one of the config's shape);
     the row of the table."""
-    hidden, layers, vocab, seq, batch, checkpointing = config
-    folder = folder or model_dir(root, hidden, layers, vocab, seq)
-    spec = {"overrides": overrides(folder, seq, batch, ranks, strategy, checkpointing, root / "out", dtype)}
+    spec = job_spec(root, config, strategy, ranks, folder, dtype)
     root.mkdir(parents=True, exist_ok=True)
     spec_file, result_file = root / "spec.json", root / "result.json"
     spec_file.write_text(json.dumps(spec))
     result_file.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "WANDB_MODE": "disabled"}
+    env = {**os.environ, **LAUNCH_ENV}
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"
     elif ranks < torch.cuda.device_count():  # one rank per visible GPU (distributed.check_launch)
@@ -182,14 +205,7 @@ def run_config(root: Path, config: tuple, strategy: str, ranks: int, folder: Pat
     if done.returncode or not result_file.exists():
         tail = (done.stderr.strip().splitlines() or ["?"])[-1]
         raise RuntimeError(f"measuring {config} {strategy} failed ({tail}); rerun `{' '.join(command)}`")
-    measured = json.loads(result_file.read_text())
-    plan = predicted_gb(compose_config(spec["overrides"]), ranks)
-    return {"hidden": hidden, "layers": layers, "vocab": vocab, "seq": seq, "batch": batch,
-            "ckpt": "yes" if checkpointing else "no", "strategy": strategy, "ranks": ranks,
-            "predicted_GB": round(plan["total"], 3), "measured_GB": round(measured["measured_gb"], 3),
-            "ratio": round(measured["measured_gb"] / plan["total"], 3), "device": measured["device"],
-            "plan": {k: round(v, 3) for k, v in plan.items()}, "step_s": measured["step_s"],
-            "tokens_per_s": measured["tokens_per_step"] / measured["step_s"]}
+    return table_row(config, strategy, ranks, spec, json.loads(result_file.read_text()))
 
 
 def measure(configs: list[tuple], ranks: int = 2, root: Path | None = None) -> list[dict[str, Any]]:

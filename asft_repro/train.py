@@ -27,7 +27,7 @@ from transformers import TrainingArguments
 
 from asft_repro import distributed, lora
 from asft_repro.anchor import find_anchor_cache
-from asft_repro.cli import hydra_task, run_cli
+from asft_repro.hydra_cli import hydra_task, process_main, run_cli
 from asft_repro.config import BASE_METHOD, Config, ConfigError, register_configs
 from asft_repro.data import PadCollator, data_manifest, load_train_dataset
 from asft_repro.diskspace import naming_disk_errors, training_footprint, warn_if_short
@@ -326,4 +326,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process_main(main)

@@ -22,7 +22,7 @@ from asft_repro.diskspace import disk_full_message, is_disk_full
 from asft_repro.errors import ProjectError
 from asft_repro.fsdp import ShardLayout, retied, shard_on_cpu
 from asft_repro.jsonl import append_jsonl
-from asft_repro.kl_schedule import KLController
+from asft_repro.kl_controller import KLController
 from asft_repro.fused_head import (FusedLoss, auto_chunk_rows, decoder_and_head, enable_fused_head,
                                    response_hidden, supports_fused_head)
 from asft_repro.losses import loss_and_token_sums, summarize, token_stats

@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from asft_repro.cli import hydra_task, run_cli
+from asft_repro.hydra_cli import hydra_task, run_cli
 from asft_repro.paths import BENCHMARK_FILE, CONF_DIR, TRAIN_FILE, benchmark_file, subset_dir
 from data_prep.formatting import FORMATTER_FIELDS, FORMATTERS, benchmark_fields, benchmark_item
 from data_prep.sources import PrepError, check_local_dir, describe, load_rows

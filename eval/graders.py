@@ -42,6 +42,7 @@ is ``None``: counted wrong, never defaulted.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -50,8 +51,8 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 
 LETTERS = "ABCD"
 MV_TIMEOUT_S = 3  # per math-verify parse / verify call (signal based: main thread only)
-_PRED_CONFIG = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-_GOLD_CONFIG = [LatexExtractionConfig(), ExprExtractionConfig()]
+_EXTRACTION = {"pred": [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+               "gold": [LatexExtractionConfig(), ExprExtractionConfig()]}
 
 # ----------------------------------------------------------------------------------------------------------
 # text helpers
@@ -291,9 +292,12 @@ def _letter_of(answer: str, last: bool = False) -> str | None:
 # ----------------------------------------------------------------------------------------------------------
 # math
 
-def _mv_parse(text: str, config: list) -> list:
-    """math-verify's parse with our timeout (it returns [] on a parse failure or timeout)."""
-    return parse(text, extraction_config=config, parsing_timeout=MV_TIMEOUT_S)
+@functools.lru_cache(maxsize=4096)
+def _mv_parse(text: str, kind: str) -> list:
+    """math-verify's parse of ``text`` with the ``kind`` ("pred" / "gold") extraction settings and our timeout ([] on
+    a parse failure or timeout). Cached: a gold is parsed once for all the samples of its item (callers only read
+    the list)."""
+    return parse(text, extraction_config=_EXTRACTION[kind], parsing_timeout=MV_TIMEOUT_S)
 
 
 def _mv_verify(gold: list, pred: list) -> bool:
@@ -339,7 +343,7 @@ def _pred_value(answer: str) -> tuple[Fraction | float, bool, Fraction | None] |
     if got is not None:
         return got
     _clean, percent = _clean_number_text(answer)
-    parsed = _mv_parse(f"$\\boxed{{{_e_notation_to_latex(answer)}}}$", _PRED_CONFIG)
+    parsed = _mv_parse(f"$\\boxed{{{_e_notation_to_latex(answer)}}}$", "pred")
     if parsed and not isinstance(parsed[0], str):
         expr = parsed[0]
         try:
@@ -369,7 +373,7 @@ def grade_math(generated: str, gold: str, truncated: bool = False) -> tuple[bool
         word = _names_word_gold(generated, gold_text)
         if word is not None:
             return True, word
-        predicted = _mv_parse(_e_notation_to_latex(_before_check(generated)), _PRED_CONFIG)
+        predicted = _mv_parse(_e_notation_to_latex(_before_check(generated)), "pred")
         if not predicted:
             return False, None
         answer = str(predicted[-1])
@@ -412,9 +416,9 @@ def _mv_check(gold_text: str, answer: str) -> tuple[bool, str | None]:
     """math-verify on the normalised gold and the extracted answer (plain text answers compared as text)."""
     if _simple_text(answer) and _simple_text(answer) == _simple_text(gold_text):
         return True, answer
-    target = _mv_parse(f"${_for_mv(gold_text)}$", _GOLD_CONFIG)
+    target = _mv_parse(f"${_for_mv(gold_text)}$", "gold")
     answer_latex = _for_mv(_LETTER_LABEL.sub("", answer, count=1))
-    predicted = _mv_parse(f"$\\boxed{{{answer_latex}}}$", _PRED_CONFIG) or _mv_parse(answer_latex, _PRED_CONFIG)
+    predicted = _mv_parse(f"$\\boxed{{{answer_latex}}}$", "pred") or _mv_parse(answer_latex, "pred")
     if not predicted:
         return False, answer or None
     return bool(target) and _mv_verify(target, predicted), answer

@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from asft_repro.cli import hydra_task, run_cli
+from asft_repro.hydra_cli import hydra_task, process_main, run_cli
 from asft_repro.config import Config, ConfigError, EvalRunConfig, register_configs
 from asft_repro.errors import MissingInputError
 from asft_repro.paths import CONF_DIR
@@ -192,4 +192,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process_main(main)

@@ -1,11 +1,11 @@
 """The adaptive-λ controller fed by hand (tests/test_kl_schedule.py) and on each rank of a 2-rank gloo group
-(tests/test_two_rank_units.py)."""
+(tests/rank_units.py, in the fsdp2 launch of tests/test_fsdp2.py)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from asft_repro.kl_schedule import KLController, all_rank_sum
+from asft_repro.kl_controller import KLController, all_rank_sum
 
 # each optimizer step: its micro-batches' (KL token sum, tokens); with 2 ranks, rank r holds micro-batch r
 STEPS = [[(3.0, 30.0), (3.5, 10.0)], [(0.5, 5.0), (2.5, 7.0)], [(21.0, 100.0), (1.0, 2.0)], [(8.0, 40.0), (9.0, 41.0)]]

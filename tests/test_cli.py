@@ -44,7 +44,7 @@ def test_a_failing_sweep_job_is_reported_and_the_others_still_run(tmp_path, demo
 
 def test_project_errors_end_as_one_line_and_bugs_keep_their_traceback():
     from asft_repro.anchor_cache import AnchorCacheError
-    from asft_repro.cli import JobFailed, hydra_task
+    from asft_repro.hydra_cli import JobFailed, hydra_task
     from asft_repro.rundir import RunDirError
     from asft_repro.trainer import NonFiniteLossError
 

@@ -1,6 +1,7 @@
-"""Multi-rank training on CPU (gloo): torchrun and the SLURM path (submitit's local executor) train ONE run
-that matches a single process with the same global batch;
-launches that would fall back to DataParallel or mismatch GPUs are refused."""
+"""Multi-rank training on CPU (gloo): the SLURM path (submitit's local executor) trains ONE run that matches a
+single process with the same global batch; launches that would fall back to DataParallel or mismatch GPUs are
+refused. torchrun's own CLI path (``torchrun -m asft_repro.train``) and DDP ranks against one process are
+tests/test_fsdp2.py's."""
 
 from __future__ import annotations
 
@@ -21,14 +22,6 @@ from conftest import ROOT
 STEPS = 4
 COMMON = ["experiment=demo", "data.size=64", f"train.max_steps={STEPS}", "train.global_batch_size=16",
           "train.per_device_batch_size=8", "train.report_to=[]", "eval.after_train=false", "train.save_strategy=no"]
-
-
-def train_cli(cwd: Path, demo_data: Path, *extra: str, launcher: list[str] | None = None,
-              env: dict[str, str] | None = None, multirun: bool = False) -> subprocess.CompletedProcess:
-    args = [*(launcher or [sys.executable]), "-m", "asft_repro.train", *(["-m"] if multirun else []), *COMMON,
-            f"data.data_dir={demo_data}", *extra]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600, env=full_env)
 
 
 def only_run(root: Path) -> Path:
@@ -64,23 +57,11 @@ def assert_matches(run: Path, reference: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_match_one_process(tmp_path, demo_data, one_process):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
-    done = train_cli(tmp_path, demo_data, launcher=torchrun, env={"ACCELERATE_USE_CPU": "true"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = only_run(tmp_path / "outputs")
-    record = json.loads((run / "run.json").read_text())
-    assert (record["world_size"], record["strategy"], record["train_status"]) == (2, "ddp", "complete")
-    assert json.loads((one_process / "run.json").read_text())["world_size"] == 1
-    assert_matches(run, one_process)
-    console = done.stdout + done.stderr
-    assert "2 ranks x 1 accumulation" in console and "DataParallel" not in console
-
-
-@pytest.mark.slow
 def test_submitit_local_two_tasks_train_one_run(tmp_path, demo_data, one_process):
-    done = train_cli(tmp_path, demo_data, "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-                     "hydra.launcher.timeout_min=10", multirun=True)
+    done = subprocess.run([sys.executable, "-m", "asft_repro.train", "-m", *COMMON, f"data.data_dir={demo_data}",
+                           "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     run = only_run(tmp_path / "outputs")
     assert json.loads((run / "run.json").read_text())["world_size"] == 2

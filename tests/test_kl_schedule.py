@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from asft_repro.identity import base_name, config_hash, swept_values, training_identity
-from asft_repro.kl_schedule import SCHEDULE_KEYS, KLController, adaptive_coef, schedule_label, scheduled_coef
+from asft_repro.kl_controller import KLController
+from asft_repro.kl_schedule import SCHEDULE_KEYS, adaptive_coef, schedule_label, scheduled_coef
 from asft_repro.plots import write_plots
 from asft_repro.schedule_demo import kl_hold
 from asft_repro.tables import write_tables

@@ -14,7 +14,7 @@ from asft_repro.anchor_cache import AnchorRows, topk_rows
 from asft_repro.config import MethodConfig
 from asft_repro.data import PadCollator, record_key
 from asft_repro.fused_head import response_hidden
-from asft_repro.kl_schedule import KLController
+from asft_repro.kl_controller import KLController
 from asft_repro.losses import IGNORE_INDEX
 from asft_repro.modeling import load_model, load_tokenizer
 from asft_repro.padding_free import (PACKED_SDPA, PaddingFreeCollator, enable_padding_free, record_spans,

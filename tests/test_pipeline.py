@@ -36,18 +36,18 @@ def metrics_rows(run_dir):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, demo_data, tiny_model_path):
-    """The one end-to-end CLI sweep: Hydra multirun of DFT and ASFT in a fresh process, each cell evaluated by a
-    child ``python -m eval.run`` (the train -> eval subprocess path), wandb offline; Base and SFT of the same grid
-    trained here, in this process (each child costs seconds of imports). Returns (cwd, the console, the run
-    directories by method)."""
+    """The one end-to-end CLI sweep: a Hydra multirun of ASFT in a fresh process, evaluated by a child
+    ``python -m eval.run`` (the train -> eval subprocess path), wandb offline; Base, SFT and DFT of the same grid
+    trained here, in this process (each child costs seconds of imports; in-process multirun sweeps of several cells
+    are tests/test_cli.py's). Returns (cwd, the console, the run directories by method)."""
     cwd = tmp_path_factory.mktemp("sweep")
-    done = subprocess.run([sys.executable, "-m", "asft_repro.train", "-m", "method=dft,asft",
+    done = subprocess.run([sys.executable, "-m", "asft_repro.train", "-m", "method=asft",
                            *sweep_overrides(demo_data)], cwd=cwd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     root = cwd / "outputs" / "demo"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("asft_repro.train.evaluate_in_subprocess", evaluate_here)
-        for method in ("base", "sft"):  # report_to is not part of a run's identity or name
+        for method in ("base", "sft", "dft"):  # report_to is not part of a run's identity or name
             run(compose_config("config", [*sweep_overrides(demo_data), f"method={method}", "train.report_to=[]",
                                           f"output_dir={root}/${{run_name}}"]))
     dirs = {json.loads((p / "run.json").read_text())["method"]: p for p in root.iterdir() if (p / "run.json").exists()}
@@ -64,19 +64,19 @@ def trained(sweep):
 def test_multirun_sweep_names_runs_then_plan_tables_and_plots(sweep, demo_data, monkeypatch, capsys):
     cwd, _done, dirs = sweep
     runs = sorted(p.name for p in (cwd / "outputs" / "demo").iterdir() if p.is_dir())
-    # the launch's overrides are spelt out, the hash names the whole config; SFT, trained in this process, has no
-    # command-line overrides to spell
-    patterns = [r"tiny-numina_cot-64-asft-kl0\.05-s42-num_epochs_4\.0-[0-9a-f]{8}", r"tiny-numina_cot-64-dft-s42-num_epochs_4\.0-[0-9a-f]{8}",
+    # the launch's overrides are spelt out, the hash names the whole config; SFT and DFT, trained in this process,
+    # have no command-line overrides to spell
+    patterns = [r"tiny-numina_cot-64-asft-kl0\.05-s42-num_epochs_4\.0-[0-9a-f]{8}", r"tiny-numina_cot-64-dft-s42-[0-9a-f]{8}",
                 r"tiny-numina_cot-64-sft-s42-[0-9a-f]{8}", r"tiny-math-base-[0-9a-f]{8}"]
     assert len(runs) == 4 and all(any(re.fullmatch(p, r) for r in runs) for p in patterns), runs
     assert list((dirs["asft"] / "wandb").glob("offline-run-*"))  # wandb offline, no account
     # the argparse CLIs, in this process (their subprocess path is the same main(); bad input runs them as such too)
     monkeypatch.chdir(cwd)
-    code, err, planned = run_in_process("asft_repro.plan", ["method=base,dft,asft", *sweep_overrides(demo_data)],
+    code, err, planned = run_in_process("asft_repro.plan", ["method=base,asft", *sweep_overrides(demo_data)],
                                         monkeypatch, capsys)
     assert code == 0, err[-2000:]
-    launched = [name for name in runs if "-sft-" not in name]
-    assert all(f"| {name}" in planned for name in launched) and planned.count("| done") == 3  # named as the launch did
+    launched = [name for name in runs if "-asft-" in name or "-base-" in name]
+    assert all(f"| {name}" in planned for name in launched) and planned.count("| done") == 2  # named as the launch did
     assert not (cwd / "run.log").exists()
     code, err, table = run_in_process("asft_repro.tables", ["--experiment", "demo", "--no-wandb"], monkeypatch, capsys)
     assert code == 0, err[-2000:]

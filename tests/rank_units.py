@@ -1,7 +1,7 @@
-"""Units on a real 2-rank CPU gloo group, in ONE spawn (each spawn imports torch and transformers twice): the frozen
-base sharded by the product's FSDP2 helper computes the full model's logits, the fused head's gradients under
-FSDP2 equal the full-logits gradients, and the adaptive-λ controller follows the one-process path on 2 ranks.
-Whole training runs on 2 ranks are tests/test_fsdp2.py's and tests/test_distributed.py's."""
+"""Units on a real 2-rank CPU gloo group, run by tests/fsdp2_launch.py inside the fsdp2 launch of
+tests/test_fsdp2.py (its ranks already import torch and transformers): the frozen base sharded by the product's
+FSDP2 helper computes the full model's logits, the fused head's gradients under FSDP2 equal the full-logits
+gradients, and the adaptive-λ controller follows the one-process path on 2 ranks."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from asft_repro.fused_head import FusedLoss, enable_fused_head, response_hidden
 from asft_repro.losses import IGNORE_INDEX
 import kl_ranks
 from test_fused_head import make_batch, make_models, reference
-
-pytestmark = pytest.mark.slow
 
 
 def fsdp2_accelerator(rank: int) -> SimpleNamespace:
@@ -76,36 +73,9 @@ def fused_head_gradients(rank: int) -> dict:
     return {"worst": worst}
 
 
-def _worker(rank: int, init_file: str, model_dir: str, out_file: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def run(out_file: str, model_dir: str) -> None:
+    """This rank's units (the default group up, as tests/fsdp2_launch.py leaves it), written to ``out_file.<rank>``."""
+    rank = torch.distributed.get_rank()
     result = {"base": sharded_base(rank, model_dir), "fused": fused_head_gradients(rank),
               "kl_controller": kl_ranks.controller_path(rank)}
     Path(f"{out_file}.{rank}").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory, tiny_model_path) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("two_rank_units")
-    torch.multiprocessing.spawn(_worker, args=(str(tmp / "init"), tiny_model_path, str(tmp / "out")), nprocs=2, join=True)
-    return [json.loads((tmp / f"out.{rank}").read_text()) for rank in (0, 1)]
-
-
-def test_fsdp2_shards_the_frozen_base_on_two_ranks(ranks):
-    for result in (r["base"] for r in ranks):
-        assert result["diff"] < 1e-5  # the sharded base computes the same logits
-        assert result["all_dtensor"] and result["frozen"] and not result["training"]
-        assert result["local"] <= 0.6 * result["total"]  # each rank holds about half of the weights
-
-
-def test_fused_head_under_fsdp2_matches_full_logits(ranks):
-    assert all(r["fused"]["worst"] < 1e-5 for r in ranks)
-
-
-def test_adaptive_lambda_on_two_ranks_follows_the_one_process_path(ranks):
-    """The all-rank KL reduction (asft_repro.kl_schedule.all_rank_sum) on a real 2-process gloo group."""
-    one = kl_ranks.adaptive()
-    single = [*kl_ranks.feed(one, kl_ranks.STEPS), one.coef]  # one process holding both micro-batches of every step
-    for got in (r["kl_controller"] for r in ranks):
-        assert got["lambda"] == pytest.approx(single, rel=1e-12) and got["sums"] == [2.0, 1.0]
-    assert len(set(single)) == len(single)  # λ moved every step
