@@ -128,6 +128,12 @@ def process_main(main: Callable[[], None]) -> None:
     """``python -m`` of a training or evaluation entry point: ``main()`` after freezing what the imports created.
     Those objects live as long as the process, so the collector's full passes (the Trainer runs one per train(),
     evaluation one per closed model) need not walk them again, ~0.3 s each. Only at process start: called later,
-    it would also keep the garbage of earlier work alive for good."""
+    it would also keep the garbage of earlier work alive for good. Unfrozen at exit, and in any forked child (vLLM's
+    engine process), so that interpreter shutdown frees them as extension modules expect (triton's nanobind reports
+    frozen ones as leaks on stderr, after the one-line error)."""
     gc.freeze()
-    main()
+    os.register_at_fork(after_in_child=gc.unfreeze)
+    try:
+        main()
+    finally:
+        gc.unfreeze()
