@@ -66,7 +66,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: two workers on two cores
 
 # The longest modules (their fixtures launch processes or train several runs), longest first: `make test` runs with
 # --no-loadscope-reorder, so xdist hands modules out in this order and no worker is left running a long one alone at
-# the end. Their seconds under `make test`: about 80, 50, 50, 50, 45, 30, 25.
+# the end. Their seconds under `make test`: about 75, 60, 50, 50, 30, 27, 24.
 LONGEST_FIRST = ["test_fsdp2.py", "test_pipeline.py", "test_graders.py", "test_bad_input.py", "test_distributed.py",
                  "test_anchor.py", "test_eval_parallel.py"]
 
